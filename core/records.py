@@ -1,0 +1,93 @@
+"""The run record: one self-describing JSON file per run, rewritten atomically as the run progresses.
+
+Schema (top-level keys; documented in docs/records.md):
+    schema_version  int     bumped on any incompatible change
+    status          str     "running" | "done" | "failed"
+    error           str     the reason, when failed (exception type and message); else null
+    run_id          str     hash of the resolved config minus bookkeeping keys (same config -> same id)
+    config          dict    the resolved Hydra config
+    method, task, model  str  short names, for tables
+    seed            int
+    metrics         dict    final flat metrics, e.g. {"qa_f1": 0.61, "exact_match": 0.4, "contains": 0.7}
+    metric_protocols dict   how each metric was computed, e.g. {"qa_f1": "generate/squad-token-f1"}
+    steps           list    per injection step: {"index", "label", "metrics", "inject_seconds", "eval_seconds"}
+    timings         dict    {"inject": s, "eval": s, "total": s, "load_model": s}
+    extra_storage_bytes int  storage the method needs beside the base model, after the last step
+    method_info     dict    whatever the method reports about itself (e.g. {"merged": true})
+    versions        dict    python, torch, transformers, peft, kbench
+    git_commit      str     commit of the code (with "-dirty" when the tree had uncommitted changes)
+    started_at, finished_at  str  ISO-8601 UTC
+Per-probe predictions go to `predictions.jsonl` beside the record.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import platform
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.io import atomic_write_json
+
+SCHEMA_VERSION = 1
+RECORD_FILE = "record.json"
+PREDICTIONS_FILE = "predictions.jsonl"
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "peft", "kbench"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def git_commit(repo: Path | None = None) -> str:
+    """HEAD of the code's repository, suffixed "-dirty" when tracked files have uncommitted changes."""
+    cwd = repo or Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    config: dict[str, Any]
+    method: str
+    task: str
+    model: str
+    seed: int
+    status: str = "running"
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    metric_protocols: dict[str, str] = field(default_factory=dict)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    extra_storage_bytes: int = 0
+    method_info: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=package_versions)
+    git_commit: str = field(default_factory=git_commit)
+    started_at: str = field(default_factory=utc_now)
+    finished_at: str | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def write(self, directory: Path) -> Path:
+        path = Path(directory) / RECORD_FILE
+        atomic_write_json(path, asdict(self))
+        return path

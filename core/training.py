@@ -1,0 +1,180 @@
+"""Weight-update plumbing shared by every method that trains the LM (FT(C), FT(S), SELF-PARAM, ...).
+
+`WeightUpdate` owns *which* weights change (a peft LoRA adapter or the full model), how they are
+restored on `reset()`, merged, and counted as extra storage. `train()` is the one optimisation loop:
+seeded shuffling, mini-batches, gradient accumulation, clipping, and a hard stop on a non-finite loss.
+A method supplies only its examples and its loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from core.lm import LM
+from core.progress import progress
+from core.types import NonFiniteLossError
+
+T = TypeVar("T")
+
+# peft calls a transformers API deprecated in v5; the warning is not actionable for kbench users
+warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class WeightUpdate:
+    """The trainable part of an LM: a LoRA adapter (`mode="lora"`) or every weight (`mode="full"`).
+
+    The adapter is attached lazily on the first `begin()` and kept across injections until `reset()`,
+    so sequential injection continues from the current weights. `merge()` folds the adapter into the
+    base weights (extra storage 0); `reset()` restores the original weights in every mode.
+    """
+
+    def __init__(self, lm: LM, mode: str = "lora", lora: dict[str, Any] | None = None, seed: int = 0) -> None:
+        if mode not in ("lora", "full"):
+            raise ValueError(f"update mode must be 'lora' or 'full', got {mode!r}")
+        self.lm, self.mode, self.seed = lm, mode, seed
+        self.lora = dict(r=8, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]) | dict(lora or {})
+        self._original: dict[str, torch.Tensor] | None = None  # snapshot for reset when base weights change
+        self.merged = False
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def has_adapter(self) -> bool:
+        return hasattr(self.lm.model, "peft_config")
+
+    def begin(self) -> list[torch.nn.Parameter]:
+        """Make the update's weights trainable and return them."""
+        if self.mode == "full":
+            self._snapshot(lambda name: True)
+            for param in self.lm.model.parameters():
+                param.requires_grad_(True)
+            self.lm.model.train()
+            return list(self.lm.model.parameters())
+        if not self.has_adapter:
+            torch.manual_seed(self.seed)  # LoRA's A is random; B starts at zero so the model is unchanged
+            config = LoraConfig(
+                r=self.lora["r"],
+                lora_alpha=self.lora["alpha"],
+                lora_dropout=self.lora["dropout"],
+                target_modules=list(self.lora["target_modules"]),
+                task_type="CAUSAL_LM",
+            )
+            self.lm.model = get_peft_model(self.lm.model, config)
+        self.lm.model.train()  # LoRA dropout is active only in training mode
+        return [p for p in self.lm.model.parameters() if p.requires_grad]
+
+    def end(self) -> None:
+        self.lm.model.eval()
+        if self.mode == "full":
+            for param in self.lm.model.parameters():
+                param.requires_grad_(False)
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weights; the next `begin()` starts a fresh adapter on top."""
+        if self.mode != "lora" or not self.has_adapter:
+            return
+        targets = tuple(self.lora["target_modules"])
+        self._snapshot(lambda name: name.rsplit(".", 2)[-2] in targets, source=self.lm.model.get_base_model())
+        self.lm.model = self.lm.model.merge_and_unload()
+        self.merged = True
+
+    def reset(self) -> None:
+        """Back to the original weights: drop the adapter and restore anything that was overwritten."""
+        if self.has_adapter:
+            self.lm.model = self.lm.model.unload()
+        if self._original is not None:
+            params = dict(self.lm.model.named_parameters())
+            with torch.no_grad():
+                for name, value in self._original.items():
+                    params[name].copy_(value)
+        self.merged = False
+        self.lm.model.eval()
+
+    def extra_storage_bytes(self) -> int:
+        """Bytes that must be stored beside the base model to serve it: the unmerged adapter, else 0."""
+        if not self.has_adapter:
+            return 0
+        return sum(p.numel() * p.element_size() for n, p in self.lm.model.named_parameters() if "lora_" in n)
+
+    def teacher_mode(self, use_base: bool) -> contextlib.AbstractContextManager:
+        """Context in which the LM acts as teacher: the base weights (adapter off) or the current model."""
+        if use_base and self.has_adapter:
+            return self.lm.model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _snapshot(self, keep: Callable[[str], bool], source: torch.nn.Module | None = None) -> None:
+        if self._original is not None:
+            return
+        module = source if source is not None else self.lm.model
+        self._original = {
+            name.replace(".base_layer", ""): p.detach().to("cpu", copy=True)
+            for name, p in module.named_parameters()
+            if "lora_" not in name and keep(name.replace(".base_layer", ""))
+        }
+
+
+def shuffled_batches(items: Sequence[T], batch_size: int, generator: torch.Generator) -> Iterator[list[T]]:
+    order = torch.randperm(len(items), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        yield [items[i] for i in order[start : start + batch_size]]
+
+
+def train(
+    params: Sequence[torch.nn.Parameter],
+    examples: Sequence[T],
+    loss_fn: Callable[[list[T]], tuple[torch.Tensor, int]],
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    grad_accum: int = 1,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    desc: str = "train",
+) -> list[float]:
+    """Minimise the per-token mean of `loss_fn` over `examples`; returns the loss of every optimiser step.
+
+    `loss_fn(batch)` returns (summed loss over the batch's target tokens, number of target tokens), so
+    accumulation over `grad_accum` mini-batches averages over tokens exactly as one big batch would.
+    """
+    if not examples:
+        raise ValueError("nothing to train on: the example list is empty")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(math.ceil(len(examples) / batch_size) / grad_accum)
+    history: list[float] = []
+    bar = progress(total=epochs * steps_per_epoch, desc=desc)
+    for _ in range(epochs):
+        batches = list(shuffled_batches(examples, batch_size, generator))
+        for start in range(0, len(batches), grad_accum):
+            total, n_tokens = 0.0, 0
+            for batch in batches[start : start + grad_accum]:
+                loss, n = loss_fn(batch)
+                loss.backward()  # summed loss: dividing the gradients by the token count below is exact
+                total += float(loss.detach())
+                n_tokens += n
+            mean = total / max(n_tokens, 1)
+            if not math.isfinite(mean):
+                optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"{desc}: loss became {mean} at optimiser step {len(history) + 1}; injection stopped. "
+                    "Lower the learning rate or check the data."
+                )
+            for param in params:
+                if param.grad is not None:
+                    param.grad /= n_tokens
+            if max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.append(mean)
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean:.4f}")
+    bar.close()
+    return history

@@ -1,0 +1,114 @@
+"""The few value types that cross the method / task boundary.
+
+A task turns its data into `Knowledge` (what gets injected) and `ProbeSet`s (what gets asked after an
+injection step). A method consumes `Knowledge` and answers `Query`s. Nothing else is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class KBenchError(Exception):
+    """An error the user can fix: the message says what is wrong and how to fix it."""
+
+
+class DataError(KBenchError):
+    """A data file is missing or malformed."""
+
+
+class NonFiniteLossError(KBenchError):
+    """Training produced a NaN/inf loss; the injection is stopped rather than silently corrupted."""
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """One unit of knowledge to inject: a context paragraph (PwC, synthetic, a dialogue, an edit).
+
+    `train_sentences` are task-provided target sentences ("Question: ...\\nAnswer: ...\\n"); methods that
+    train on sentences (FT(S), SELF-PARAM) use them when their sentence source is `task`.
+    """
+
+    id: str
+    context: str
+    train_sentences: tuple[str, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.context.strip():
+            raise DataError(f"knowledge {self.id!r} has an empty context; every injected item needs text")
+
+
+@dataclass(frozen=True)
+class Query:
+    """A question put to a method. `prompt` is already formatted by the task's template.
+
+    `context` is the probe's own gold context. Only the reference method `context` (the upper bound)
+    reads it; every other method must answer from what it was given through `inject`.
+    """
+
+    id: str
+    prompt: str
+    context: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A query with its gold answers (generate) or its target continuation (log-likelihood)."""
+
+    query: Query
+    answers: tuple[str, ...] = ()
+    knowledge_id: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How to decode for one probe set: greedy, at most `max_new_tokens`, cut at the first stop string."""
+
+    max_new_tokens: int = 32
+    stop: tuple[str, ...] = ("\n",)
+
+
+@dataclass
+class ProbeSet:
+    """Probes asked together after an injection step, scored the same way.
+
+    `output_type` is the explicit choice between generating an answer and scoring a target
+    continuation by log-likelihood (teacher forcing); `scorer` is the task's name for its metric family.
+    """
+
+    name: str
+    probes: list[Probe]
+    output_type: Literal["generate", "loglikelihood"] = "generate"
+    generation: GenerationSpec = field(default_factory=GenerationSpec)
+    scorer: str = "qa"
+
+
+@dataclass
+class Step:
+    """One injection step: optionally reset the method, inject `knowledge`, then ask `probe_sets`."""
+
+    index: int
+    knowledge: list[Knowledge]
+    probe_sets: list[ProbeSet]
+    reset_before: bool = False
+    label: str = ""
+
+
+@dataclass
+class Answer:
+    """A method's answer to one query, with whatever it wants a reader of the predictions to see."""
+
+    text: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TargetScore:
+    """Teacher-forced score of a target continuation: summed log-probability and token accuracy."""
+
+    logprob: float
+    n_tokens: int
+    token_accuracy: float
