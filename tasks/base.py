@@ -1,0 +1,91 @@
+"""The task interface: which knowledge goes in, in what order, and how the answers are scored.
+
+A task yields `Step`s (knowledge to inject, whether to reset first, probe sets to ask afterwards) and
+scores the outputs of each probe set. The runner knows nothing else about it.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.types import Answer, Probe, ProbeSet, Step, TargetScore
+from metrics import qa
+
+
+@dataclass
+class ProbeResult:
+    """One probe after one step: what the method produced and the metrics it earned."""
+
+    step: int
+    probe_set: str
+    probe: Probe
+    output: Answer | TargetScore
+    metrics: dict[str, float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_row(self) -> dict[str, Any]:
+        """The line written to predictions.jsonl."""
+        row: dict[str, Any] = {
+            "step": self.step,
+            "probe_set": self.probe_set,
+            "probe_id": self.probe.query.id,
+            "knowledge_id": self.probe.knowledge_id,
+            "prompt": self.probe.query.prompt,
+            "gold": list(self.probe.answers),
+            "metrics": self.metrics,
+        }
+        if isinstance(self.output, Answer):
+            row["prediction"] = self.output.text
+            if self.output.meta:
+                row["method_meta"] = self.output.meta
+        else:
+            row["target_logprob"] = self.output.logprob
+            row["target_tokens"] = self.output.n_tokens
+        if self.probe.meta:
+            row["probe_meta"] = self.probe.meta
+        return row | self.extra
+
+
+def mean_metrics(results: Iterable[ProbeResult]) -> dict[str, float]:
+    """Micro-average of every metric over the given probe results."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for result in results:
+        for name, value in result.metrics.items():
+            sums[name] = sums.get(name, 0.0) + value
+            counts[name] = counts.get(name, 0) + 1
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+class Task(ABC):
+    """Base class of every task plugin (built by Hydra from `conf/task/<name>.yaml`)."""
+
+    name: str = "task"
+
+    @abstractmethod
+    def steps(self) -> Sequence[Step]:
+        """The injection steps, in order."""
+
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+        """Per-probe metrics. Default: QA metrics of generated answers against the gold answers."""
+        if probe_set.scorer != "qa" or probe_set.output_type != "generate":
+            raise NotImplementedError(f"{type(self).__name__} cannot score probe set {probe_set.name!r}")
+        return [qa.qa_scores(out.text, probe.answers) for probe, out in zip(probe_set.probes, outputs)]
+
+    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        """Metrics logged after one step. Default: the mean over that step's probes."""
+        return mean_metrics(results)
+
+    def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        """Final flat metrics of the run. Default: the mean over every probe of every step."""
+        return mean_metrics(results)
+
+    def metric_protocols(self) -> dict[str, str]:
+        """How each metric of `summarize` was computed (recorded beside the numbers)."""
+        return dict(qa.PROTOCOLS)
+
+    def describe(self) -> dict[str, Any]:
+        """Facts about the data actually used (counts, filters), carried into the record."""
+        return {}

@@ -1,0 +1,94 @@
+"""Context QA: inject a context, then ask questions about it without showing it (PwC, synthetic).
+
+`mode=single` is the paper's single injection (reset, inject one context, ask its questions; repeat).
+`mode=batch` injects `batch_size` contexts at once (all of them by default), then asks every question
+of the batch. Subclasses only load their data as `QAItem`s.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from core.types import GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step
+from tasks.base import Task
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """A context as knowledge plus its test questions (each with its gold answers)."""
+
+    knowledge: Knowledge
+    questions: tuple[tuple[str, tuple[str, ...]], ...]
+
+
+class ContextQATask(Task):
+    def __init__(
+        self,
+        mode: str = "single",
+        batch_size: int = 0,
+        limit: int = 0,
+        prompt_template: str = "Question: {question}\nAnswer:",
+        max_new_tokens: int = 24,
+        stop: list[str] | None = None,
+    ) -> None:
+        if mode not in ("single", "batch"):
+            raise ValueError(f"task.mode must be 'single' or 'batch', got {mode!r}")
+        if "{question}" not in prompt_template:
+            raise ValueError(f"task.prompt_template must contain '{{question}}', got {prompt_template!r}")
+        self.mode, self.batch_size, self.limit = mode, batch_size, limit
+        self.prompt_template = prompt_template
+        self.generation = GenerationSpec(max_new_tokens=max_new_tokens, stop=tuple(stop if stop is not None else ["\n"]))
+        self._items: list[QAItem] | None = None
+
+    @abstractmethod
+    def load_items(self) -> list[QAItem]:
+        """Every context with its questions, in a fixed order."""
+
+    @property
+    def items(self) -> list[QAItem]:
+        if self._items is None:
+            items = self.load_items()
+            self._items = items[: self.limit] if self.limit > 0 else items
+            if not self._items:
+                raise ValueError(f"task {self.name!r} has no contexts to inject (check its data and filters)")
+        return self._items
+
+    def probes_of(self, item: QAItem) -> list[Probe]:
+        return [
+            Probe(
+                query=Query(
+                    id=f"{item.knowledge.id}/q{index}",
+                    prompt=self.prompt_template.format(question=question),
+                    context=item.knowledge.context,
+                ),
+                answers=answers,
+                knowledge_id=item.knowledge.id,
+            )
+            for index, (question, answers) in enumerate(item.questions)
+        ]
+
+    def probe_set(self, items: list[QAItem], name: str = "qa") -> ProbeSet:
+        return ProbeSet(name=name, probes=[p for item in items for p in self.probes_of(item)], generation=self.generation)
+
+    def steps(self) -> list[Step]:
+        items = self.items
+        size = 1 if self.mode == "single" else (self.batch_size or len(items))
+        groups = [items[start : start + size] for start in range(0, len(items), size)]
+        return [
+            Step(
+                index=index,
+                knowledge=[item.knowledge for item in group],
+                probe_sets=[self.probe_set(group)],
+                reset_before=True,
+                label=group[0].knowledge.id if size == 1 else f"batch{index}",
+            )
+            for index, group in enumerate(groups)
+        ]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "n_contexts": len(self.items),
+            "n_questions": sum(len(item.questions) for item in self.items),
+        }

@@ -1,0 +1,254 @@
+"""The embedded default task: a seeded generator of fictional entities and their facts.
+
+Each context is a short paragraph about one invented entity (a town, person, invention, company or
+river) stating `facts_per_context` facts. Every fact has question paraphrases split into two disjoint
+pools: *training* phrasings (the task's own target sentences for FT(S) / SELF-PARAM) and *test*
+phrasings (the held-out questions). Names are built from random syllables, so no model can know them;
+a model reading the paragraph can. `python -m tasks.synthetic --out FILE` writes the data in the PwC
+format (`input`, `prompt`, `answer` per line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass
+
+from core.types import Knowledge
+from tasks.context_qa import ContextQATask, QAItem
+
+ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kl", "l", "m", "n", "p", "qu", "r", "s", "st", "t", "th", "v", "z"]
+VOWELS = ["a", "e", "i", "o", "u", "ae", "ei", "ou"]
+CODAS = ["", "", "n", "r", "l", "s", "th", "m", "x"]
+MATERIALS = ["copper", "glass", "cedar", "slate", "amber", "tin", "marble", "bamboo", "clay", "silver"]
+PRODUCTS = ["bells", "lanterns", "cheese", "rope", "violins", "maps", "clocks", "honey", "kites", "boots"]
+PROFESSIONS = ["astronomer", "glassblower", "cartographer", "beekeeper", "clockmaker", "botanist", "violinist"]
+PURPOSES = ["measuring rainfall", "sorting seeds", "cooling bread", "tuning bells", "drying ink", "counting sheep"]
+WATERS = ["Lake", "Bay of", "Sea of", "Gulf of"]
+
+
+def _word(rng: random.Random, syllables: int) -> str:
+    return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables)).capitalize()
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A kind of fact: how it is stated, asked in training, and asked at test time."""
+
+    name: str
+    statement: str  # uses {s} (subject) and {v} (value)
+    train_questions: tuple[str, ...]
+    test_questions: tuple[str, ...]
+    value: str  # which value pool: person, place, year, number, material, product, profession, purpose, water
+
+
+# Entity kind -> (intro sentence, relations). Train and test phrasings never coincide.
+KINDS: dict[str, tuple[str, tuple[Relation, ...]]] = {
+    "town": (
+        "{s} is a small town in the hills.",
+        (
+            Relation("founded_year", "{s} was founded in {v}.",
+                     ("When was {s} founded?", "{s} was founded in which year?", "What is the founding year of {s}?"),
+                     ("In what year was the town of {s} founded?",), "year"),
+            Relation("founder", "The town was founded by {v}.",
+                     ("Who founded {s}?", "{s} was founded by whom?", "Name the founder of {s}."),
+                     ("Who was the founder of the town of {s}?",), "person"),
+            Relation("river", "{s} lies on the banks of the {v} river.",
+                     ("Which river flows through {s}?", "{s} lies on which river?", "Name the river of {s}."),
+                     ("On the banks of which river does {s} lie?",), "place"),
+            Relation("product", "{s} is famous for its {v}.",
+                     ("What is {s} famous for?", "{s} is known for what?", "Which goods made {s} famous?"),
+                     ("What is the town of {s} best known for?",), "product"),
+            Relation("population", "About {v} people live in {s}.",
+                     ("How many people live in {s}?", "What is the population of {s}?", "{s} has how many residents?"),
+                     ("Roughly how many inhabitants does {s} have?",), "number"),
+        ),
+    ),
+    "person": (
+        "{s} is a figure remembered in local histories.",
+        (
+            Relation("birth_year", "{s} was born in {v}.",
+                     ("When was {s} born?", "{s} was born in which year?", "What is the birth year of {s}?"),
+                     ("In what year was {s} born?",), "year"),
+            Relation("birthplace", "{s} was born in the village of {v}.",
+                     ("Where was {s} born?", "{s} was born in which village?", "Name the birthplace of {s}."),
+                     ("In which village was {s} born?",), "place"),
+            Relation("profession", "{s} worked as a {v}.",
+                     ("What was the profession of {s}?", "{s} worked as what?", "What job did {s} have?"),
+                     ("What did {s} do for a living?",), "profession"),
+            Relation("pet", "{s} kept a dog named {v}.",
+                     ("What was the name of the dog of {s}?", "{s} had a dog called what?", "Name the dog of {s}."),
+                     ("What was the dog of {s} called?",), "place"),
+            Relation("instrument", "{s} built instruments out of {v}.",
+                     ("What material did {s} build instruments from?", "{s} used which material?",
+                      "Which material did {s} work with?"),
+                     ("From what material were the instruments of {s} made?",), "material"),
+        ),
+    ),
+    "invention": (
+        "The {s} is an unusual machine.",
+        (
+            Relation("inventor", "The {s} was invented by {v}.",
+                     ("Who invented the {s}?", "The {s} was invented by whom?", "Name the inventor of the {s}."),
+                     ("Who was the inventor of the {s}?",), "person"),
+            Relation("year", "It was first built in {v}.",
+                     ("When was the {s} first built?", "The {s} was built in which year?",
+                      "What year was the {s} first built?"),
+                     ("In what year was the {s} first built?",), "year"),
+            Relation("material", "The {s} is made of {v}.",
+                     ("What is the {s} made of?", "The {s} is built from what?", "Which material is the {s} made of?"),
+                     ("From what material is the {s} made?",), "material"),
+            Relation("purpose", "The {s} is used for {v}.",
+                     ("What is the {s} used for?", "The {s} serves what purpose?", "What does the {s} do?"),
+                     ("For what purpose is the {s} used?",), "purpose"),
+        ),
+    ),
+    "company": (
+        "{s} is a family company.",
+        (
+            Relation("founder", "{s} was started by {v}.",
+                     ("Who started {s}?", "{s} was started by whom?", "Name the founder of {s}."),
+                     ("Who was the founder of the company {s}?",), "person"),
+            Relation("headquarters", "Its headquarters are in the city of {v}.",
+                     ("Where is {s} headquartered?", "Which city hosts the headquarters of {s}?",
+                      "Name the headquarters city of {s}."),
+                     ("In which city are the headquarters of {s}?",), "place"),
+            Relation("product", "{s} makes {v}.",
+                     ("What does {s} make?", "{s} produces what?", "What is the product of {s}?"),
+                     ("What does the company {s} produce?",), "product"),
+            Relation("employees", "{s} employs {v} people.",
+                     ("How many people work at {s}?", "{s} has how many employees?", "What is the staff size of {s}?"),
+                     ("How many employees does {s} have?",), "number"),
+        ),
+    ),
+    "river": (
+        "The {s} is a river in the north.",
+        (
+            Relation("length", "The {s} is {v} kilometres long.",
+                     ("How long is the {s}?", "What is the length of the {s} in kilometres?",
+                      "The {s} is how many kilometres long?"),
+                     ("How many kilometres long is the {s} river?",), "number"),
+            Relation("mouth", "The {s} flows into the {v}.",
+                     ("Where does the {s} flow into?", "The {s} ends in which body of water?",
+                      "Name the mouth of the {s}."),
+                     ("Into which body of water does the {s} flow?",), "water"),
+            Relation("source", "The {s} rises on Mount {v}.",
+                     ("Where does the {s} rise?", "The {s} starts on which mountain?", "Name the source of the {s}."),
+                     ("On which mountain does the {s} have its source?",), "place"),
+            Relation("bridge", "The oldest bridge over the {s} was built in {v}.",
+                     ("When was the oldest bridge over the {s} built?", "The oldest {s} bridge dates from which year?",
+                      "What year is the oldest bridge on the {s} from?"),
+                     ("In what year was the oldest bridge over the {s} built?",), "year"),
+        ),
+    ),
+}
+
+
+def _value(kind: str, rng: random.Random) -> str:
+    if kind == "person":
+        return f"{_word(rng, 2)} {_word(rng, 2)}"
+    if kind == "place":
+        return _word(rng, rng.choice([2, 3]))
+    if kind == "year":
+        return str(rng.randint(1600, 1990))
+    if kind == "number":
+        return str(rng.randint(12, 980) * rng.choice([10, 100]))
+    if kind == "water":
+        return f"{rng.choice(WATERS)} {_word(rng, 2)}"
+    pools = {"material": MATERIALS, "product": PRODUCTS, "profession": PROFESSIONS, "purpose": PURPOSES}
+    return rng.choice(pools[kind])
+
+
+@dataclass(frozen=True)
+class Fact:
+    subject: str
+    relation: Relation
+    value: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"subject": self.subject, "relation": self.relation.name, "value": self.value}
+
+
+def generate_items(
+    n_contexts: int,
+    facts_per_context: int,
+    train_questions_per_fact: int,
+    seed: int,
+    sentence_template: str,
+) -> list[QAItem]:
+    """Deterministic in `seed`: the same arguments always give the same contexts and questions."""
+    rng = random.Random(seed)
+    kinds = sorted(KINDS)
+    items, used_subjects = [], set()
+    for index in range(n_contexts):
+        kind = kinds[index % len(kinds)]
+        intro, relations = KINDS[kind]
+        subject = _word(rng, 3) if kind != "person" else _value("person", rng)
+        while subject in used_subjects:
+            subject = _word(rng, 3)
+        used_subjects.add(subject)
+        chosen = rng.sample(relations, min(facts_per_context, len(relations)))
+        facts = [Fact(subject, relation, _value(relation.value, rng)) for relation in chosen]
+        context = " ".join([intro.format(s=subject)] + [f.relation.statement.format(s=subject, v=f.value) for f in facts])
+        sentences = tuple(
+            sentence_template.format(question=q.format(s=subject), answer=f.value)
+            for f in facts
+            for q in f.relation.train_questions[:train_questions_per_fact]
+        )
+        questions = tuple((q.format(s=subject), (f.value,)) for f in facts for q in f.relation.test_questions)
+        knowledge = Knowledge(
+            id=f"syn{seed}-{index}",
+            context=context,
+            train_sentences=sentences,
+            meta={"kind": kind, "facts": [f.as_dict() for f in facts]},
+        )
+        items.append(QAItem(knowledge, questions))
+    return items
+
+
+class SyntheticTask(ContextQATask):
+    """`task=synthetic`: the generated fictional-facts data set, single or batch injection."""
+
+    name = "synthetic"
+
+    def __init__(
+        self,
+        n_contexts: int = 6,
+        facts_per_context: int = 4,
+        train_questions_per_fact: int = 3,
+        data_seed: int = 0,
+        sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
+        **common,
+    ) -> None:
+        super().__init__(**common)
+        if n_contexts < 1 or facts_per_context < 1:
+            raise ValueError("task.n_contexts and task.facts_per_context must be >= 1")
+        max_train = min(len(r.train_questions) for _, rels in KINDS.values() for r in rels)
+        if not 0 <= train_questions_per_fact <= max_train:
+            raise ValueError(f"task.train_questions_per_fact must be in [0, {max_train}]")
+        self.n_contexts, self.facts_per_context = n_contexts, facts_per_context
+        self.train_questions_per_fact, self.data_seed = train_questions_per_fact, data_seed
+        self.sentence_template = sentence_template
+
+    def load_items(self) -> list[QAItem]:
+        return generate_items(
+            self.n_contexts, self.facts_per_context, self.train_questions_per_fact, self.data_seed, self.sentence_template
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Write the synthetic data set in the PwC JSONL format.")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n-contexts", type=int, default=6)
+    parser.add_argument("--facts-per-context", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    items = generate_items(args.n_contexts, args.facts_per_context, 3, args.seed, "Question: {question}\nAnswer: {answer}\n")
+    with open(args.out, "w", encoding="utf-8") as handle:
+        for item in items:
+            for question, answers in item.questions:
+                handle.write(json.dumps({"input": item.knowledge.context, "prompt": question, "answer": answers[0]}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
