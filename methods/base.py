@@ -1,0 +1,70 @@
+"""The method interface, and the two reference methods: `base` (no context) and `context` (upper bound).
+
+A method gets knowledge through `inject`, answers queries (`answer`: generation; `score`:
+teacher-forced log-likelihood of a target), can be `reset` to the untouched model, and reports the
+storage it needs beside the base model. Built by Hydra from `conf/method/<name>.yaml` with the
+shared `LM` passed in at run time.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from core.lm import LM
+from core.types import Answer, GenerationSpec, Knowledge, Query, TargetScore
+
+
+class Method:
+    """Base class of every method plugin. Subclasses override what their idea changes."""
+
+    name = "method"
+
+    def __init__(self, lm: LM) -> None:
+        self.lm = lm
+
+    def inject(self, knowledge: Sequence[Knowledge]) -> None:
+        """Take in new knowledge. Default: ignore it (the model is left untouched)."""
+
+    def prompt_ids(self, query: Query) -> list[int]:
+        """Tokens the model sees for `query`. Default: the prompt alone."""
+        return self.lm.prompt_ids(query.prompt)
+
+    def answer(self, queries: Sequence[Query], generation: GenerationSpec) -> list[Answer]:
+        texts = self.lm.generate([self.prompt_ids(q) for q in queries], generation)
+        return [Answer(text) for text in texts]
+
+    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+        """Log-probability and token accuracy of each target continuation (e.g. " Paris") of its query."""
+        return self.lm.score([(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)])
+
+    def reset(self) -> None:
+        """Forget everything injected so far. Default: nothing to forget."""
+
+    def extra_storage_bytes(self) -> int:
+        """Bytes stored beside the base model to serve what was injected (adapters, indexes, text)."""
+        return 0
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the method's state worth recording (e.g. whether an adapter was merged)."""
+        return {}
+
+
+class BaseMethod(Method):
+    """`method=base`: the untouched model answering without any context (the floor)."""
+
+    name = "base"
+
+
+class ContextMethod(Method):
+    """`method=context`: the untouched model with the probe's own gold context in the prompt.
+
+    The upper bound of every injection method: it reads the context at question time instead of
+    storing it. It uses `Query.context`, which only reference methods may read.
+    """
+
+    name = "context"
+
+    def prompt_ids(self, query: Query) -> list[int]:
+        if query.context is None:
+            raise ValueError(f"query {query.id!r} carries no context; method=context needs one per probe")
+        return self.lm.prompt_ids(query.prompt, context=query.context)

@@ -1,0 +1,110 @@
+"""Fine-tuning baselines: FT(C) trains on the context text, FT(S) on target sentences about it.
+
+Both minimise the causal-LM loss  L(θ') = − Σ_t log P_θ'(y_t | y_<t)  over the tokens y of their
+training text, through a LoRA adapter (peft) or the full weights (`update.mode=full`).
+- FT(C) (`method=ft_context`): the context itself, split into chunks of at most `chunk_tokens`.
+- FT(S) (`method=ft_sentences`): the target sentences ("Question: ...\\nAnswer: ...\\n") from the
+  configured sentence source, each sequence = start tokens + sentence, loss on every sentence token.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from core.training import WeightUpdate, train
+from core.types import Knowledge
+from methods.base import Method
+from methods.sentences import SentenceSource
+
+Pair = tuple[list[int], list[int]]
+
+
+class FineTuneMethod(Method):
+    """Shared loop of the FT baselines; subclasses say which (prefix, target) pairs to train on."""
+
+    def __init__(
+        self,
+        lm,
+        update: dict[str, Any],
+        lr: float = 1e-3,
+        epochs: int = 5,
+        batch_size: int = 4,
+        grad_accum: int = 1,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 1.0,
+        merge: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(lm)
+        self.weights = WeightUpdate(lm, mode=update.get("mode", "lora"), lora=update.get("lora"), seed=seed)
+        self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
+        self.weight_decay, self.max_grad_norm, self.merge, self.seed = weight_decay, max_grad_norm, merge, seed
+        self.losses: list[float] = []
+
+    def training_pairs(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
+        raise NotImplementedError
+
+    def lm_loss(self, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
+        batch = self.lm.collate(pairs)
+        targets = batch.target_ids
+        return F.cross_entropy(self.lm.target_logits(batch), targets, reduction="sum"), len(targets)
+
+    def inject(self, knowledge: Sequence[Knowledge]) -> None:
+        pairs = self.training_pairs(knowledge)
+        params = self.weights.begin()
+        try:
+            self.losses = train(
+                params, pairs, self.lm_loss, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                grad_accum=self.grad_accum, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
+                seed=self.seed, desc=f"inject {self.name}",
+            )
+        finally:
+            self.weights.end()
+        if self.merge:
+            self.weights.merge()
+
+    def reset(self) -> None:
+        self.weights.reset()
+
+    def extra_storage_bytes(self) -> int:
+        return self.weights.extra_storage_bytes()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "update_mode": self.weights.mode,
+            "merged": self.weights.merged,
+            "final_train_loss": self.losses[-1] if self.losses else None,
+        }
+
+
+class FineTuneContext(FineTuneMethod):
+    """`method=ft_context`: FT(C), language modelling on the context."""
+
+    name = "ft_context"
+
+    def __init__(self, lm, chunk_tokens: int = 256, **knobs) -> None:
+        super().__init__(lm, **knobs)
+        self.chunk_tokens = chunk_tokens
+
+    def training_pairs(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
+        pairs = []
+        for item in knowledge:
+            ids = self.lm.encode(item.context)
+            pairs += [(self.lm.start_ids, ids[i : i + self.chunk_tokens]) for i in range(0, len(ids), self.chunk_tokens)]
+        return pairs
+
+
+class FineTuneSentences(FineTuneMethod):
+    """`method=ft_sentences`: FT(S), language modelling on target sentences about the context."""
+
+    name = "ft_sentences"
+
+    def __init__(self, lm, sentences: SentenceSource, **knobs) -> None:
+        super().__init__(lm, **knobs)
+        self.sentences = sentences
+
+    def training_pairs(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
+        return [(self.lm.start_ids, self.lm.encode(s)) for item in knowledge for s in self.sentences(item, self.lm)]
