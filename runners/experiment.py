@@ -122,6 +122,7 @@ class Experiment:
 
         record.metrics = task.summarize(all_results)
         record.metric_protocols = task.metric_protocols()
+        record.task_report = task.report(all_results, self.output_dir)
         record.method_info |= method.info()
 
     def _run_step(self, method: Method, task: Task, step) -> tuple[list[ProbeResult], float, float]:

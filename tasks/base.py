@@ -8,6 +8,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from core.types import Answer, Probe, ProbeSet, Step, TargetScore
@@ -81,6 +82,11 @@ class Task(ABC):
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         """Final flat metrics of the run. Default: the mean over every probe of every step."""
         return mean_metrics(results)
+
+    def report(self, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
+        """Structured results beyond the flat metrics (e.g. a retention matrix), stored under
+        `task_report` in the record; files such as plots may be written into `output_dir`. Default: none."""
+        return {}
 
     def metric_protocols(self) -> dict[str, str]:
         """How each metric of `summarize` was computed (recorded beside the numbers)."""
