@@ -22,6 +22,10 @@ class Method:
     def __init__(self, lm: LM) -> None:
         self.lm = lm
 
+    def prepare(self, training_knowledge: Sequence[Knowledge]) -> None:
+        """Train once before any injection on the task's held-out split (`Task.training_knowledge`).
+        Called even when the split is empty. Default: nothing to prepare."""
+
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
         """Take in new knowledge. Default: ignore it (the model is left untouched)."""
 

@@ -96,6 +96,10 @@ class Experiment:
             self.wandb_run = build(cfg.logger, "logger")
             self.wandb_run.config.update(record.config)
 
+        started = time.perf_counter()
+        method.prepare(task.training_knowledge())
+        record.timings["prepare"] = round(time.perf_counter() - started, 3)
+
         predictions = self.output_dir / PREDICTIONS_FILE
         predictions.write_text("")
         all_results: list[ProbeResult] = []

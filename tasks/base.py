@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.types import Answer, Probe, ProbeSet, Step, TargetScore
+from core.types import Answer, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa
 
 
@@ -68,6 +68,11 @@ class Task(ABC):
     @abstractmethod
     def steps(self) -> Sequence[Step]:
         """The injection steps, in order."""
+
+    def training_knowledge(self) -> list[Knowledge]:
+        """A held-out split, disjoint from every step's knowledge, for methods that train once before
+        any injection (e.g. RECIPE's prompt encoder). Default: none."""
+        return []
 
     def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
         """Per-probe metrics. Default: QA metrics of generated answers against the gold answers."""
