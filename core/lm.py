@@ -156,13 +156,7 @@ class LM:
         results: list[TargetScore] = []
         for chunk in self.batches(list(pairs), desc="score"):
             batch = self.collate(chunk)
-            logprobs = torch.log_softmax(self.target_logits(batch), dim=-1)
-            targets = batch.target_ids
-            token_lp = logprobs.gather(1, targets[:, None]).squeeze(1)
-            hits = (logprobs.argmax(-1) == targets).float()
-            lengths = batch.predicted_mask.sum(1).tolist()
-            for lp, hit in zip(token_lp.split(lengths), hits.split(lengths)):
-                results.append(TargetScore(float(lp.sum()), len(lp), float(hit.mean())))
+            results += target_scores(self.target_logits(batch), batch.target_ids, batch.predicted_mask.sum(1).tolist())
         return results
 
     @torch.inference_mode()
@@ -222,6 +216,19 @@ class LM:
         input_ids = torch.tensor([list(prompt)[-self.max_length :]], device=self.device)
         generated = self.model.generate(input_ids=input_ids, generation_config=config, tokenizer=self.tokenizer)
         return [cut_at_stop(self.decode(row[input_ids.shape[1] :].tolist()), spec.stop) for row in generated]
+
+
+def target_scores(logits: torch.Tensor, target_ids: torch.Tensor, lengths: Sequence[int]) -> list[TargetScore]:
+    """One `TargetScore` per sequence from the logits predicting its target tokens (row-major, as
+    `LM.target_logits` returns them) and the number of predicted target tokens of each sequence."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_lp = logprobs.gather(1, target_ids[:, None]).squeeze(1)
+    predicted = logprobs.argmax(-1)
+    results = []
+    for lp, pred, target in zip(token_lp.split(lengths), predicted.split(lengths), target_ids.split(lengths)):
+        hits = (pred == target).float()
+        results.append(TargetScore(float(lp.sum()), len(lp), float(hits.mean()), tuple(pred.tolist())))
+    return results
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -107,8 +107,14 @@ class Answer:
 
 @dataclass
 class TargetScore:
-    """Teacher-forced score of a target continuation: summed log-probability and token accuracy."""
+    """Teacher-forced score of a target continuation: summed log-probability and token accuracy.
+
+    `predicted_ids` are the argmax tokens at the target positions (what the model would predict under
+    teacher forcing); editing locality compares them before and after an edit. Methods that compute
+    their own logits should fill them (`core.lm.target_scores` does).
+    """
 
     logprob: float
     n_tokens: int
     token_accuracy: float
+    predicted_ids: tuple[int, ...] = ()
