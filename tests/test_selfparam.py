@@ -1,0 +1,165 @@
+"""SELF-PARAM on the tiny real model: the objective, the top-k cache, injection, merge, failure."""
+import pytest
+import torch
+
+from core.types import Knowledge, NonFiniteLossError
+from methods.selfparam import SelfParam, distill_kl
+from methods.sentences import TaskSentences
+from tests.test_run import run_in_process
+
+LORA = {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}}
+# The tiny model copies " founded" after " Velmora" when the context shows that pair (see tests/test_lm.py).
+FACT = Knowledge(id="fact", context=" Velmora founded", train_sentences=(" Velmora founded",))
+
+
+def make(lm, **knobs) -> SelfParam:
+    settings = dict(sentences=TaskSentences(), update=LORA, lr=1e-2, epochs=8, batch_size=2, seed=0,
+                    teacher_top_k=0, continuation_per_sentence=0.0, regularisation_per_sentence=0.0) | knobs
+    return SelfParam(lm, **settings)
+
+
+def total_kl(method, examples) -> float:
+    with torch.no_grad():
+        loss, n = method.kl_loss(examples)
+    return float(loss) / n
+
+
+def test_kl_is_zero_when_teacher_and_student_see_the_same_input(tiny_lm):
+    # no context anywhere: teacher = student input; a fresh adapter (B = 0) leaves the model unchanged
+    method = make(tiny_lm, regularisation_per_sentence=1.0, context_on_regularisation=False)
+    method.prepare([])
+    examples = method._teacher_cache([p for p in method._pairs(FACT) if p[3] == "regularisation"])
+    method.weights.begin()
+    assert examples and total_kl(method, examples) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_top_k_kl_is_a_close_lower_bound_of_the_full_kl(tiny_lm):
+    torch.manual_seed(0)
+    logits_teacher, logits_student = torch.randn(50, 384) * 3, torch.randn(50, 384) * 3
+    teacher = torch.log_softmax(logits_teacher, -1)
+    full = distill_kl(logits_student, teacher)
+    for k in (64, 200):
+        top, index = teacher.topk(k, -1)
+        rest = torch.logsumexp(teacher.scatter(1, index, float("-inf")), -1)
+        approx = distill_kl(logits_student, top, index, rest)
+        assert torch.all(approx <= full + 1e-5)  # log-sum inequality: never above the full KL
+    assert torch.allclose(approx, full, rtol=0.05)  # k = 200 of 384: within 5 %
+    # on the tiny model's own distributions (peaked, like a real LM's) top-64 is within 2 %
+    method_full, method_top = make(tiny_lm), make(tiny_lm, teacher_top_k=64)
+    examples_full = method_full._teacher_cache(method_full._pairs(FACT))
+    examples_top = method_top._teacher_cache(method_top._pairs(FACT))
+    method_full.weights.begin()
+    with torch.no_grad():
+        for param in method_full.weights.lm.model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))  # a student that differs from the teacher
+    kl_full, kl_top = total_kl(method_full, examples_full), total_kl(method_top, examples_top)
+    assert 0 < kl_top <= kl_full + 1e-6 and kl_top == pytest.approx(kl_full, rel=0.02)
+    assert examples_top[0].teacher_logprobs.shape[-1] == 64 and examples_full[0].teacher_index is None
+
+
+def test_injection_lowers_the_kl_and_teaches_the_fact_without_context(tiny_lm):
+    method = make(tiny_lm, teacher_top_k=16)
+    prompt, answer = tiny_lm.prompt_ids(" Velmora"), tiny_lm.encode(" founded")
+    before = tiny_lm.score([(prompt, answer)])[0].logprob
+    examples = method._teacher_cache(method._pairs(FACT))
+    method.weights.begin()
+    kl_before = total_kl(method, examples)
+    method.weights.end()
+    method.inject([FACT])
+    assert total_kl(method, examples) < 0.5 * kl_before
+    after = tiny_lm.score([(prompt, answer)])[0].logprob
+    assert after > before + 1.0  # no-context log-probability of the answer rises
+    method.reset()
+    assert tiny_lm.score([(prompt, answer)])[0].logprob == pytest.approx(before, abs=1e-5)
+
+
+def test_continuation_and_regularisation_sentences(tiny_lm):
+    method = make(tiny_lm, continuation_per_sentence=2.0, regularisation_per_sentence=1.0)
+    method.prepare([])
+    knowledge = Knowledge(id="k", context="Velmora is a town on the Orvane river, founded in 1742.",
+                          train_sentences=("Question: Who?\nAnswer: Ada\n",))
+    pairs = method._pairs(knowledge)
+    kinds = [kind for *_, kind in pairs]
+    assert kinds.count("qa") == 1 and kinds.count("continuation") == 2 and kinds.count("regularisation") == 1
+    raw = tiny_lm.encode(knowledge.context)
+    for teacher, student, target, kind in pairs:
+        assert student == tiny_lm.start_ids
+        if kind == "continuation":  # the teacher reads the context prefix, the student only the suffix
+            assert teacher[len(tiny_lm.start_ids):] + target == raw
+        else:
+            assert teacher == tiny_lm.start_ids + tiny_lm.context_ids(knowledge.context)
+
+
+def test_regularisation_pool_is_sampled_once_and_cached(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("KBENCH_CACHE", str(tmp_path))
+    method = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"n_texts": 5, "max_tokens": 8})
+    method.prepare([])
+    assert len(method.regularisation_pool) >= 4  # an empty sample is dropped
+    cached = list((tmp_path / "regularisation").glob("*.json"))
+    assert len(cached) == 1
+    again = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"n_texts": 5, "max_tokens": 8})
+    again.prepare([])
+    assert again.regularisation_pool == method.regularisation_pool
+
+
+def test_regularisation_from_a_file(tiny_lm, tmp_path):
+    texts = tmp_path / "generic.jsonl"
+    texts.write_text('{"text": "Rivers flow to the sea."}\n{"text": "Bread is baked in ovens."}\n')
+    method = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"source": "file", "path": str(texts)})
+    method.prepare([])
+    assert method.regularisation_pool == [tiny_lm.encode("Rivers flow to the sea."), tiny_lm.encode("Bread is baked in ovens.")]
+
+
+def test_merge_matches_the_adapter_and_frees_storage(tiny_lm):
+    prompt = torch.tensor([tiny_lm.prompt_ids(" Velmora")])
+    unmerged = make(tiny_lm)
+    unmerged.inject([FACT])
+    assert unmerged.extra_storage_bytes() > 0
+    with torch.no_grad():
+        adapter_logits = tiny_lm.model(prompt).logits.clone()
+    unmerged.reset()
+    merged = make(tiny_lm, merge=True)
+    merged.inject([FACT])
+    with torch.no_grad():
+        assert torch.allclose(tiny_lm.model(prompt).logits, adapter_logits, atol=1e-4)
+    assert merged.extra_storage_bytes() == 0 and merged.info()["merged"] is True
+
+
+def test_sequential_injection_uses_the_current_model_as_teacher(tiny_lm):
+    method = make(tiny_lm)
+    method.inject([FACT])
+    prompt, answer = tiny_lm.prompt_ids(" Velmora"), tiny_lm.encode(" founded")
+    learned = tiny_lm.score([(prompt, answer)])[0].logprob
+    # the second teacher is the updated model: its cache differs from the base model's
+    examples_current = method._teacher_cache(method._pairs(FACT))
+    with method.weights.teacher_mode(use_base=True):
+        base_view = make(tiny_lm)._teacher_cache(make(tiny_lm)._pairs(FACT))
+    assert not torch.allclose(examples_current[0].teacher_logprobs, base_view[0].teacher_logprobs)
+    method.inject([Knowledge(id="second", context=" river capital", train_sentences=(" river capital",))])
+    assert tiny_lm.score([(prompt, answer)])[0].logprob > learned - 3.0  # the first fact is not wiped out
+
+
+def test_non_finite_loss_stops_injection(tiny_lm):
+    with torch.no_grad():
+        tiny_lm.model.model.norm.weight[0] = float("nan")  # corrupted weights: every loss is NaN
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at optimiser step 1; injection stopped"):
+        make(tiny_lm).inject([FACT])
+
+
+def test_non_finite_loss_marks_the_run_failed(tmp_path):
+    record = run_in_process(tmp_path, "model=tiny", "logger=none", "method=selfparam", "method.lr=1e37",  # the weights overflow at step 2
+                            "method/sentences=task", "task.limit=1", "method.regularisation.n_texts=4")
+    assert record["status"] == "failed" and "NonFiniteLossError" in record["error"]
+
+
+def test_batch_injection_on_pwc_through_the_runner(tmp_path, shared_dir):
+    record = run_in_process(
+        tmp_path, "model=tiny", "logger=none", "method=selfparam", "task=pwc", "task.mode=batch", "task.limit=3",
+        f"task.path={shared_dir / 'data/pwc/pwc_test_sample.jsonl'}", "method.epochs=1",
+        "method.sentences.generator.n_sentences=2", "method.regularisation.n_texts=4",
+    )
+    assert record["status"] == "done", record["error"]
+    assert len(record["steps"]) == 1 and record["method_info"]["task"]["n_contexts"] == 3
+    assert record["method_info"]["examples_per_injection"]["qa"] >= 3
+    assert record["extra_storage_bytes"] > 0 and record["method_info"]["teacher_cache_bytes"] > 0
