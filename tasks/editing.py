@@ -1,0 +1,507 @@
+"""Knowledge editing (`task=editing`): inject T edits, then measure reliability, generality and locality.
+
+An edit is (prompt, target_new, rephrase prompts, locality prompts + their answers). Sources:
+- `synthetic` (default): facts about generated fictional entities (built on `tasks.synthetic`), asked
+  as "Question: ...\\nAnswer:"; rephrases are the other phrasings of the same question; each edit has
+  two locality prompts: the same question about another, never-edited entity (`same_relation`, the
+  hard, CounterFact-neighbourhood kind) and a general-knowledge question from the config (`general`).
+- `zsre`: EasyEdit/MEND ZsRE JSON (`src`, `alt`, `rephrase`, `loc`, `loc_ans`; optional `subject`,
+  `answers`). Locality kind `nq` (ZsRE's locality prompts are Natural Questions).
+- `counterfact`: the flat CounterFact JSON used by EasyEdit and RECIPE (`prompt`, `target_new`,
+  `rephrase_prompt`, `locality_prompt`, `locality_ground_truth`; optional `subject`, `ground_truth`,
+  `case_id`). Locality kind `same_relation`.
+Files may be a JSON list or JSON lines. The first `n_edits` valid records are evaluated;
+`train_path` gives the held-out training split (`Task.training_knowledge`, e.g. for RECIPE).
+
+The contract with methods (RECIPE and MEMOIR rely on it) — each edit is one `Knowledge`:
+- `context`: the edit as a statement, prompt + target, e.g. "The mother tongue of Danielle Darrieux is
+  English" (what `method=context` puts in front of a probe, what a retriever indexes);
+- `train_sentences`: (statement + "\\n",), so the FT baselines train on the edit itself;
+- `meta`: the structured edit, every prompt already rendered with `prompt_template` exactly as probes ask it:
+  `prompt`, `target` (the continuation as scored, `target_separator` + target_new, e.g. " English"),
+  `target_new`, `rephrase_prompts`, `locality_prompts`, `locality_answers` (lists), `subject` and
+  `ground_truth` (None when unknown).
+
+Protocols (every metric name starts with its protocol, see `metric_protocols`):
+- step 0 (`pre_edit`): before any edit, the locality prompts are scored teacher-forced on their answers
+  and the argmax tokens are kept as the pre-edit reference for locality.
+- `sequential` (default): T edits are injected one per step without reset; after the last one every
+  edit is scored once (`after_all/...`: the WISE / retention protocol; EasyEdit's `sequential_edit`
+  flag has meant different things over time, so kbench names the protocol in each metric).
+- `single`: reset, inject one edit, score that edit; repeat for each edit (`single/...`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.io import read_json, read_jsonl, require_file
+from core.types import Answer, DataError, GenerationSpec, KBenchError, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
+from metrics import editing as metrics
+from tasks.base import ProbeResult, Task
+from tasks.synthetic import KINDS, generate_items
+
+ZSRE_FORMAT = (
+    "ZsRE / EasyEdit JSON: a list (or JSON lines) of objects with `src` (prompt), `alt` (new target), "
+    "`rephrase`, `loc`, `loc_ans`; optional `subject`, `answers`"
+)
+COUNTERFACT_FORMAT = (
+    "CounterFact JSON (EasyEdit / RECIPE flat format): a list (or JSON lines) of objects with `prompt`, "
+    "`target_new`, `rephrase_prompt`, `locality_prompt`, `locality_ground_truth`; optional `subject`, "
+    "`ground_truth`, `case_id`"
+)
+SOURCES = ("synthetic", "zsre", "counterfact")
+PROTOCOLS = ("sequential", "single")
+PREFIX = {"sequential": "after_all", "single": "single"}
+PRE_EDIT = "pre_edit/locality_reference"
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One edit as the data gives it (prompts not yet rendered with the task's template)."""
+
+    id: str
+    prompt: str
+    target_new: str
+    rephrase_prompts: tuple[str, ...] = ()
+    locality_prompts: tuple[str, ...] = ()
+    locality_answers: tuple[str, ...] = ()
+    locality_kinds: tuple[str, ...] = ()
+    subject: str | None = None
+    ground_truth: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip() or not self.target_new.strip():
+            raise DataError(f"edit {self.id!r} needs a non-empty prompt and target_new")
+        if not len(self.locality_prompts) == len(self.locality_answers) == len(self.locality_kinds):
+            raise DataError(f"edit {self.id!r}: every locality prompt needs one answer and one kind")
+
+
+# ---------------------------------------------------------------------- loaders
+def read_records(path: str | Path, required: Sequence[str], expected_format: str) -> list[dict]:
+    """The objects of a JSON list or JSON-lines file; a missing field raises `DataError` naming the record."""
+    path = require_file(path, expected_format)
+    with path.open(encoding="utf-8") as handle:
+        first = handle.read(4096).lstrip()[:1]
+    if first != "[":
+        return list(read_jsonl(path, required=required, expected_format=expected_format))
+    records = read_json(path, expected_format)
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record #{index} is a {type(record).__name__}, not an object. Expected {expected_format}.")
+        missing = [key for key in required if key not in record]
+        if missing:
+            raise DataError(f"{path}: record #{index} misses field(s) {missing}. Expected {expected_format}.")
+    return records
+
+
+def _strings(value: Any, field: str, where: str) -> tuple[str, ...]:
+    """A field that may hold one string or a list of strings, as a tuple (empty strings dropped)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value.strip() else ()
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(v for v in value if v.strip())
+    raise DataError(f"{where}: field {field!r} must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _locality(prompts: tuple[str, ...], answers: tuple[str, ...], kind: str, where: str) -> dict[str, tuple[str, ...]]:
+    if len(prompts) != len(answers):
+        raise DataError(f"{where}: {len(prompts)} locality prompt(s) but {len(answers)} answer(s)")
+    return {"locality_prompts": prompts, "locality_answers": answers, "locality_kinds": (kind,) * len(prompts)}
+
+
+def load_zsre(path: str | Path) -> tuple[list[Edit], int]:
+    """ZsRE edits from an EasyEdit/MEND JSON file, and the number of records skipped for an empty target."""
+    edits, skipped = [], 0
+    for index, row in enumerate(read_records(path, ("src", "alt", "rephrase", "loc", "loc_ans"), ZSRE_FORMAT)):
+        where = f"{path}: record #{index}"
+        if not str(row["alt"]).strip():
+            skipped += 1
+            continue
+        answers = _strings(row.get("answers"), "answers", where)
+        edits.append(Edit(
+            id=f"zsre-{index}",
+            prompt=str(row["src"]),
+            target_new=str(row["alt"]),
+            rephrase_prompts=_strings(row["rephrase"], "rephrase", where),
+            **_locality(_strings(row["loc"], "loc", where), _strings(row["loc_ans"], "loc_ans", where), "nq", where),
+            subject=row.get("subject"),
+            ground_truth=answers[0] if answers else None,
+        ))
+    return edits, skipped
+
+
+def load_counterfact(path: str | Path) -> tuple[list[Edit], int]:
+    """CounterFact edits from the flat JSON format, and the number of records skipped for an empty target."""
+    required = ("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+    edits, skipped = [], 0
+    for index, row in enumerate(read_records(path, required, COUNTERFACT_FORMAT)):
+        where = f"{path}: record #{index}"
+        if not str(row["target_new"]).strip():
+            skipped += 1
+            continue
+        loc_prompts = _strings(row["locality_prompt"], "locality_prompt", where)
+        loc_answers = _strings(row["locality_ground_truth"], "locality_ground_truth", where)
+        edits.append(Edit(
+            id=f"cf-{row.get('case_id', index)}",
+            prompt=str(row["prompt"]),
+            target_new=str(row["target_new"]),
+            rephrase_prompts=_strings(row["rephrase_prompt"], "rephrase_prompt", where),
+            **_locality(loc_prompts, loc_answers, "same_relation", where),
+            subject=row.get("subject"),
+            ground_truth=row.get("ground_truth"),
+        ))
+    return edits, skipped
+
+
+def generate_synthetic_edits(
+    n_edits: int,
+    seed: int,
+    question_template: str,
+    general_questions: Sequence[Sequence[str]],
+    id_prefix: str = "syn-edit",
+) -> list[Edit]:
+    """Deterministic in `seed`. Edit i sets one fact of fictional entity i; its locality prompts are the
+    same question about a never-edited entity of the same kind, and general question i (cycled)."""
+    kinds = len(KINDS)
+    stride = -(-n_edits // kinds) * kinds  # a multiple of the kind cycle: entity stride + i has i's kind
+    items = generate_items(2 * stride, max(len(r) for _, r in KINDS.values()), 0, seed, "")
+    relations = {kind: {r.name: r for r in rels} for kind, (_, rels) in KINDS.items()}
+    edits = []
+    for i in range(n_edits):
+        meta, neighbour = items[i].knowledge.meta, items[stride + i].knowledge.meta
+        fact = meta["facts"][0]
+        relation = relations[meta["kind"]][fact["relation"]]
+        other = next(f for f in neighbour["facts"] if f["relation"] == fact["relation"])
+        ask = lambda question, subject: question_template.format(question=question.format(s=subject))  # noqa: E731
+        rephrasings = relation.test_questions + relation.train_questions[1:]
+        loc_prompts, loc_answers, loc_kinds = [ask(relation.train_questions[0], other["subject"])], [other["value"]], ["same_relation"]
+        if general_questions:
+            question, answer = general_questions[i % len(general_questions)]
+            loc_prompts.append(question_template.format(question=question))
+            loc_answers.append(answer)
+            loc_kinds.append("general")
+        edits.append(Edit(
+            id=f"{id_prefix}{seed}-{i}",
+            prompt=ask(relation.train_questions[0], fact["subject"]),
+            target_new=fact["value"],
+            rephrase_prompts=tuple(ask(q, fact["subject"]) for q in rephrasings),
+            locality_prompts=tuple(loc_prompts),
+            locality_answers=tuple(loc_answers),
+            locality_kinds=tuple(loc_kinds),
+            subject=fact["subject"],
+        ))
+    return edits
+
+
+# ---------------------------------------------------------------------- the task
+class EditingTask(Task):
+    """`task=editing`: T edits, sequential (scored after all of them) or single (reset per edit)."""
+
+    name = "editing"
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        path: str | None = None,
+        train_path: str | None = None,
+        n_edits: int = 50,
+        n_train: int = 100,
+        protocol: str = "sequential",
+        prompt_template: str = "{prompt}",
+        target_separator: str = " ",
+        max_rephrases: int = 0,
+        generate: bool = True,
+        max_new_tokens: int = 16,
+        stop: list[str] | None = None,
+        data_seed: int = 0,
+        train_seed: int = 1,
+        synthetic_template: str = "Question: {question}\nAnswer:",
+        general_questions: list[list[str]] | None = None,
+    ) -> None:
+        if source not in SOURCES:
+            raise ValueError(f"task.source must be one of {SOURCES}, got {source!r}")
+        if source != "synthetic" and not path:
+            raise ValueError(f"task.source={source} needs task.path (the edits file)")
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"task.protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if n_edits < 1 or n_train < 0 or max_rephrases < 0:
+            raise ValueError("task.n_edits must be >= 1, task.n_train and task.max_rephrases >= 0")
+        if "{prompt}" not in prompt_template:
+            raise ValueError(f"task.prompt_template must contain '{{prompt}}', got {prompt_template!r}")
+        if "{question}" not in synthetic_template:
+            raise ValueError(f"task.synthetic_template must contain '{{question}}', got {synthetic_template!r}")
+        if source == "synthetic" and data_seed == train_seed and n_train:
+            raise ValueError("task.train_seed must differ from task.data_seed (the training split must be held out)")
+        if any(len(pair) != 2 for pair in general_questions or []):
+            raise ValueError("task.general_questions must be a list of [question, answer] pairs")
+        self.source, self.path, self.train_path = source, path, train_path
+        self.n_edits, self.n_train, self.protocol = n_edits, n_train, protocol
+        self.prompt_template, self.target_separator, self.max_rephrases = prompt_template, target_separator, max_rephrases
+        self.generate = generate
+        self.generation = GenerationSpec(max_new_tokens=max_new_tokens, stop=tuple(stop if stop is not None else ["\n"]))
+        self.data_seed, self.train_seed, self.synthetic_template = data_seed, train_seed, synthetic_template
+        self.general_questions = [list(pair) for pair in general_questions or []]
+        self.prefix = PREFIX[protocol]
+        self._edits: list[Edit] | None = None
+        self._train: list[Edit] | None = None
+        self._pre_edit_ids: dict[str, tuple[int, ...]] = {}
+        self.dropped: dict[str, int] = {"empty_target": 0, "train_overlapping_eval": 0}
+
+    # ------------------------------------------------------------------ data
+    def _load(self, path: str | None, seed: int, count: int, id_prefix: str) -> list[Edit]:
+        if self.source == "synthetic":
+            return generate_synthetic_edits(count, seed, self.synthetic_template, self.general_questions, id_prefix)
+        loader = load_zsre if self.source == "zsre" else load_counterfact
+        edits, skipped = loader(path)
+        self.dropped["empty_target"] += skipped
+        return edits
+
+    @property
+    def edits(self) -> list[Edit]:
+        """The evaluated edits, in injection order."""
+        if self._edits is None:
+            edits = self._load(self.path, self.data_seed, self.n_edits, "syn-edit")[: self.n_edits]
+            if not edits:
+                raise DataError(f"task=editing found no edits in {self.path}")
+            if self.max_rephrases:
+                edits = [_trim_rephrases(e, self.max_rephrases) for e in edits]
+            self._edits = edits
+        return self._edits
+
+    @property
+    def train_edits(self) -> list[Edit]:
+        """The held-out training split: disjoint from the evaluated edits (no shared prompt or subject)."""
+        if self._train is None:
+            if not self.n_train or (self.source != "synthetic" and not self.train_path):
+                self._train = []
+            else:
+                # synthetic: more than needed, since the few colliding with evaluated edits are dropped
+                candidates = self._load(self.train_path, self.train_seed, self.n_train + self.n_edits, "syn-train")
+                taken_prompts = {e.prompt for e in self.edits}
+                taken_subjects = {e.subject for e in self.edits if e.subject} if self.source == "synthetic" else set()
+                kept = [e for e in candidates if e.prompt not in taken_prompts and e.subject not in taken_subjects]
+                self.dropped["train_overlapping_eval"] = len(candidates) - len(kept)
+                self._train = kept[: self.n_train]
+        return self._train
+
+    def render(self, prompt: str) -> str:
+        return self.prompt_template.format(prompt=prompt)
+
+    def target(self, text: str) -> str:
+        return self.target_separator + text
+
+    def knowledge(self, edit: Edit) -> Knowledge:
+        """An edit as `Knowledge` (the contract in the module docstring)."""
+        prompt, target = self.render(edit.prompt), self.target(edit.target_new)
+        statement = prompt + target
+        return Knowledge(
+            id=edit.id,
+            context=statement,
+            train_sentences=(statement + "\n",),
+            meta={
+                "prompt": prompt,
+                "target": target,
+                "target_new": edit.target_new,
+                "rephrase_prompts": [self.render(p) for p in edit.rephrase_prompts],
+                "locality_prompts": [self.render(p) for p in edit.locality_prompts],
+                "locality_answers": list(edit.locality_answers),
+                "subject": edit.subject,
+                "ground_truth": edit.ground_truth,
+            },
+        )
+
+    def training_knowledge(self) -> list[Knowledge]:
+        return [self.knowledge(e) for e in self.train_edits]
+
+    # ------------------------------------------------------------------ probes and steps
+    def _probe(self, edit: Edit, position: int, key: str, prompt: str, answer: str, context: str, **meta: Any) -> Probe:
+        query = Query(id=f"{edit.id}/{key}", prompt=self.render(prompt), context=context)
+        return Probe(query=query, answers=(answer,), knowledge_id=edit.id, meta={"position": position, **meta})
+
+    def _locality_probes(self, edits: Sequence[Edit], start: int, with_edit_in_view: bool) -> list[Probe]:
+        return [
+            self._probe(e, start + i, f"loc{j}", prompt, self.target(answer),
+                        self.knowledge(e).context if with_edit_in_view else "", kind=kind)
+            for i, e in enumerate(edits)
+            for j, (prompt, answer, kind) in enumerate(zip(e.locality_prompts, e.locality_answers, e.locality_kinds))
+        ]
+
+    def probe_sets(self, edits: Sequence[Edit], start: int) -> list[ProbeSet]:
+        """The post-edit probe sets of `edits` (`start` = injection position of the first one)."""
+        p = self.prefix
+        contexts = [self.knowledge(e).context for e in edits]
+        rewrite = [(e, start + i, "rewrite", e.prompt, c) for i, (e, c) in enumerate(zip(edits, contexts))]
+        rephrase = [(e, start + i, f"rephrase{j}", q, c)
+                    for i, (e, c) in enumerate(zip(edits, contexts)) for j, q in enumerate(e.rephrase_prompts)]
+        sets = [
+            ProbeSet(f"{p}/reliability_tf", [self._probe(e, n, k, q, self.target(e.target_new), c) for e, n, k, q, c in rewrite],
+                     output_type="loglikelihood", scorer="editing"),
+            ProbeSet(f"{p}/generality_tf", [self._probe(e, n, k, q, self.target(e.target_new), c) for e, n, k, q, c in rephrase],
+                     output_type="loglikelihood", scorer="editing"),
+            ProbeSet(f"{p}/locality", self._locality_probes(edits, start, with_edit_in_view=True),
+                     output_type="loglikelihood", scorer="editing"),
+        ]
+        if self.generate:
+            sets += [
+                ProbeSet(f"{p}/reliability_gen", [self._probe(e, n, k, q, e.target_new, c) for e, n, k, q, c in rewrite],
+                         generation=self.generation, scorer="editing"),
+                ProbeSet(f"{p}/generality_gen", [self._probe(e, n, k, q, e.target_new, c) for e, n, k, q, c in rephrase],
+                         generation=self.generation, scorer="editing"),
+            ]
+        return [s for s in sets if s.probes]
+
+    def steps(self) -> list[Step]:
+        edits = self.edits
+        # No edit is in view before editing: the reference queries carry an empty context.
+        reference = ProbeSet(PRE_EDIT, self._locality_probes(edits, 0, with_edit_in_view=False),
+                             output_type="loglikelihood", scorer="editing")
+        steps = [Step(index=0, knowledge=[], probe_sets=[reference] if reference.probes else [], label="pre-edit")]
+        if self.protocol == "sequential":
+            steps += [Step(index=i + 1, knowledge=[self.knowledge(e)], probe_sets=[], label=e.id) for i, e in enumerate(edits)]
+            steps.append(Step(index=len(edits) + 1, knowledge=[], probe_sets=self.probe_sets(edits, 0),
+                              label=f"after all {len(edits)} edits"))
+        else:
+            steps += [
+                Step(index=i + 1, knowledge=[self.knowledge(e)], probe_sets=self.probe_sets([e], i), reset_before=True, label=e.id)
+                for i, e in enumerate(edits)
+            ]
+        return steps
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+        if probe_set.scorer != "editing":
+            raise NotImplementedError(f"task=editing cannot score probe set {probe_set.name!r}")
+        kind = probe_set.name.rsplit("/", 1)[-1]
+        several_kinds = len(self.locality_kinds()) > 1
+        scores = []
+        for probe, output in zip(probe_set.probes, outputs):
+            if probe_set.name == PRE_EDIT:
+                self._pre_edit_ids[probe.query.id] = _predicted_ids(output, probe)
+                scores.append({"pre_edit/locality_answer_tf": output.token_accuracy})
+            elif kind == "locality":
+                pre = self._pre_edit_ids.get(probe.query.id)
+                if pre is None:
+                    raise KBenchError(f"no pre-edit reference for {probe.query.id!r}: the pre-edit step must run first")
+                value = metrics.locality_agreement(pre, _predicted_ids(output, probe))
+                per_kind = {f"{self.prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
+                scores.append({f"{self.prefix}/locality": value} | per_kind)
+            elif kind.endswith("_tf"):
+                scores.append({probe_set.name: output.token_accuracy})
+            else:  # reliability_gen / generality_gen
+                name = probe_set.name.removesuffix("_gen")
+                scores.append({f"{name}_{k}": v for k, v in metrics.generated_scores(output.text, probe.answers[0]).items()})
+        return scores
+
+    def _aggregate(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        by_metric: dict[str, list[tuple[str, float]]] = {}
+        for result in results:
+            for name, value in result.metrics.items():
+                by_metric.setdefault(name, []).append((result.probe.knowledge_id, value))
+        return {name: metrics.macro_average(metrics.group_by_edit(pairs)) for name, pairs in by_metric.items()}
+
+    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        return self._aggregate(results)
+
+    def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        return self._aggregate(results)
+
+    def locality_kinds(self) -> list[str]:
+        return sorted({kind for e in self.edits for kind in e.locality_kinds})
+
+    def metric_protocols(self) -> dict[str, str]:
+        p, T = self.prefix, len(self.edits)
+        when = (f"each edit scored once after all T={T} edits were injected one by one without reset (sequential, "
+                "WISE/retention protocol)" if self.protocol == "sequential"
+                else "each edit scored right after injecting it alone into the reset method (single-edit protocol)")
+        tail = f"; {when}; macro-average over edits"
+        tf = "loglikelihood/teacher-forced token accuracy of target_new"
+        loc = ("loglikelihood/agreement of the teacher-forced argmax tokens on the locality answer with the pre-edit "
+               "argmax tokens (EasyEdit locality)")
+        protocols = {
+            "pre_edit/locality_answer_tf": f"{tf.replace('target_new', 'the locality answer')} before any edit "
+                                            "(the pre-edit reference pass)",
+            f"{p}/reliability_tf": f"{tf} given the edit prompt (EasyEdit rewrite_acc){tail}",
+            f"{p}/generality_tf": f"{tf} given each rephrased prompt (EasyEdit rephrase_acc){tail}",
+            f"{p}/locality": f"{loc}, all locality prompts{tail}",
+        }
+        if len(self.locality_kinds()) > 1:
+            protocols |= {f"{p}/locality_{k}": f"{loc}, locality prompts of kind {k!r}{tail}" for k in self.locality_kinds()}
+        if self.generate:
+            for name, prompts in (("reliability", "the edit prompt"), ("generality", "each rephrased prompt")):
+                protocols[f"{p}/{name}_em"] = f"generate/squad-exact-match of the greedy answer to {prompts} vs target_new{tail}"
+                protocols[f"{p}/{name}_f1"] = f"generate/squad-token-f1 of the greedy answer to {prompts} vs target_new{tail}"
+        return protocols
+
+    # ------------------------------------------------------------------ reporting
+    def report(self, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
+        """Per-edit metrics (`edits.csv`) and, in injection order, the metrics of each fifth of the edits:
+        in the sequential protocol, early edits have survived more later edits (retention)."""
+        per_edit: dict[str, dict[str, Any]] = {}
+        for result in results:
+            if result.probe_set == PRE_EDIT:
+                continue
+            row = per_edit.setdefault(result.probe.knowledge_id, {"edit": result.probe.knowledge_id,
+                                                                  "position": result.probe.meta["position"]})
+            for name, value in result.metrics.items():
+                row.setdefault(name, []).append(value)
+        rows = [{k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in row.items()} for row in per_edit.values()]
+        rows.sort(key=lambda r: r["position"])
+        if not rows:
+            return {}
+        columns = sorted({k for r in rows for k in r} - {"edit", "position"})
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with (output_dir / "edits.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["position", "edit", *columns])
+            writer.writeheader()
+            writer.writerows(rows)
+        n_buckets = min(5, len(rows))
+        buckets = []
+        for b in range(n_buckets):
+            chunk = rows[b * len(rows) // n_buckets : (b + 1) * len(rows) // n_buckets]
+            summary: dict[str, Any] = {"positions": f"{chunk[0]['position'] + 1}-{chunk[-1]['position'] + 1}"}
+            for column in columns:
+                values = [r[column] for r in chunk if column in r]
+                if values:
+                    summary[column] = round(sum(values) / len(values), 4)
+            buckets.append(summary)
+        return {"protocol": self.protocol, "n_edits": len(rows), "by_position": buckets, "files": ["edits.csv"]}
+
+    def describe(self) -> dict[str, Any]:
+        edits = self.edits
+        kinds = {k: sum(e.locality_kinds.count(k) for e in edits) for k in self.locality_kinds()}
+        return {
+            "source": self.source,
+            "path": str(self.path) if self.path else None,
+            "train_path": str(self.train_path) if self.train_path else None,
+            "protocol": self.protocol,
+            "n_edits": len(edits),
+            "n_rephrase_prompts": sum(len(e.rephrase_prompts) for e in edits),
+            "n_locality_prompts": kinds,
+            "n_train_edits": len(self.train_edits),
+            "dropped": dict(self.dropped),
+            "example": json.loads(json.dumps(self.knowledge(edits[0]).meta, default=str)),
+        }
+
+
+def _trim_rephrases(edit: Edit, limit: int) -> Edit:
+    fields = {k: getattr(edit, k) for k in Edit.__dataclass_fields__}
+    return Edit(**fields | {"rephrase_prompts": edit.rephrase_prompts[:limit]})
+
+
+def _predicted_ids(output: Answer | TargetScore, probe: Probe) -> tuple[int, ...]:
+    if not isinstance(output, TargetScore):
+        raise KBenchError(f"locality probe {probe.query.id!r} needs a teacher-forced score, got a generated answer")
+    if not output.predicted_ids:
+        raise KBenchError(
+            f"locality probe {probe.query.id!r}: the method's score() returned no predicted_ids; "
+            "build TargetScores with core.lm.target_scores so the argmax tokens are kept"
+        )
+    return output.predicted_ids
