@@ -113,9 +113,11 @@ class SelfParam(Method):
         self.teacher, self.teacher_top_k, self.teacher_batch_size = teacher, teacher_top_k, teacher_batch_size
         self.continuation_ratio, self.regularisation_ratio = continuation_per_sentence, regularisation_per_sentence
         self.context_on_regularisation = context_on_regularisation
-        self.regularisation_cfg = dict(source="model", path=None, n_texts=64, max_tokens=48, temperature=1.0) | (
-            regularisation or {}
-        )
+        defaults = dict(source="model", path=None, n_texts=32, max_tokens=32, temperature=1.0, seed=0)
+        unknown = set(regularisation or {}) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown method.regularisation option(s) {sorted(unknown)}; known: {sorted(defaults)}")
+        self.regularisation_cfg = defaults | (regularisation or {})
         self.rng = random.Random(seed)
         self.regularisation_pool: list[list[int]] = []
         self.losses: list[float] = []
@@ -142,7 +144,7 @@ class SelfParam(Method):
             return [line for line in lines if line.strip()][: cfg["n_texts"]]
         if cfg["source"] != "model":
             raise KBenchError(f"method.regularisation.source must be 'model' or 'file', got {cfg['source']!r}")
-        key = stable_hash([self.lm.name, cfg, self.seed])
+        key = stable_hash([self.lm.name, cfg])
         path = cache_dir("regularisation") / f"{key}.json"
         if path.is_file():
             return read_json(path, "a cached JSON list of texts")
@@ -150,7 +152,7 @@ class SelfParam(Method):
         texts: list[str] = []
         for start in progress(range(0, cfg["n_texts"], 16), desc="regularisation text"):
             n = min(16, cfg["n_texts"] - start)
-            texts += self.lm.sample(self.lm.start_ids, n, spec, cfg["temperature"], 1.0, seed=self.seed + start)
+            texts += self.lm.sample(self.lm.start_ids, n, spec, cfg["temperature"], 1.0, seed=cfg["seed"] + start)
         atomic_write_json(path, texts)
         return texts
 
