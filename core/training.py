@@ -1,20 +1,24 @@
 """Weight-update plumbing shared by every method that trains the LM (FT(C), FT(S), SELF-PARAM, ...).
 
 `WeightUpdate` owns *which* weights change (a peft LoRA adapter or the full model), how they are
-restored on `reset()`, merged, and counted as extra storage. `train()` is the one optimisation loop:
+restored on `reset()`, merged, counted as extra storage, and saved / loaded (`save` / `load`: safetensors,
+for resumable runs). `train()` is the one optimisation loop:
 seeded shuffling, mini-batches, gradient accumulation, clipping, and a hard stop on a non-finite loss.
 A method supplies only its examples and its loss.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from core.lm import LM
 from core.progress import progress
@@ -56,17 +60,20 @@ class WeightUpdate:
             self.lm.model.train()
             return list(self.lm.model.parameters())
         if not self.has_adapter:
-            torch.manual_seed(self.seed)  # LoRA's A is random; B starts at zero so the model is unchanged
-            config = LoraConfig(
-                r=self.lora["r"],
-                lora_alpha=self.lora["alpha"],
-                lora_dropout=self.lora["dropout"],
-                target_modules=list(self.lora["target_modules"]),
-                task_type="CAUSAL_LM",
-            )
-            self.lm.model = get_peft_model(self.lm.model, config)
+            self._attach_adapter()
         self.lm.model.train()  # LoRA dropout is active only in training mode
         return [p for p in self.lm.model.parameters() if p.requires_grad]
+
+    def _attach_adapter(self) -> None:
+        torch.manual_seed(self.seed)  # LoRA's A is random; B starts at zero so the model is unchanged
+        config = LoraConfig(
+            r=self.lora["r"],
+            lora_alpha=self.lora["alpha"],
+            lora_dropout=self.lora["dropout"],
+            target_modules=list(self.lora["target_modules"]),
+            task_type="CAUSAL_LM",
+        )
+        self.lm.model = get_peft_model(self.lm.model, config)
 
     def end(self) -> None:
         self.lm.model.eval()
@@ -100,6 +107,57 @@ class WeightUpdate:
         if not self.has_adapter:
             return 0
         return sum(p.numel() * p.element_size() for n, p in self.lm.model.named_parameters() if "lora_" in n)
+
+    # ------------------------------------------------------------------ saving (resumable runs)
+    def save(self, directory: Path) -> None:
+        """Write what differs from the original model into `directory`: the base weights that training
+        or a merge may have changed (`base_weights.safetensors`), the live adapter (`adapter.safetensors`)
+        and the flags (`update.json`). `load` on a fresh `WeightUpdate` of the same LM restores them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self._original is not None:
+            current = self._base_parameters()
+            save_file({name: current[name].detach().to("cpu").contiguous() for name in self._original},
+                      str(directory / "base_weights.safetensors"))
+        if self.has_adapter:
+            adapter = {n: p.detach().to("cpu").contiguous() for n, p in self.lm.model.named_parameters() if "lora_" in n}
+            save_file(adapter, str(directory / "adapter.safetensors"))
+        flags = {"mode": self.mode, "merged": self.merged, "lora": self.lora, "adapter": self.has_adapter}
+        (directory / "update.json").write_text(json.dumps(flags, indent=2) + "\n")
+
+    def load(self, directory: Path) -> None:
+        """Restore what `save` wrote; `reset()` still returns to the original weights afterwards."""
+        directory = Path(directory)
+        flags = json.loads((directory / "update.json").read_text())
+        if flags["mode"] != self.mode or (flags["adapter"] and flags["lora"] != self.lora):
+            raise ValueError(f"saved weight update in {directory} was made with mode={flags['mode']!r}, "
+                             f"lora={flags['lora']}; this run has mode={self.mode!r}, lora={self.lora}")
+        if self.has_adapter:
+            raise RuntimeError("load() needs an LM without an adapter: call it on a freshly built method")
+        base_file = directory / "base_weights.safetensors"
+        if base_file.is_file():
+            saved = load_file(str(base_file))
+            self._snapshot(lambda name: name in saved)  # so reset() can undo the loaded change
+            params = self._base_parameters()
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+        if flags["adapter"]:
+            self._attach_adapter()
+            saved = load_file(str(directory / "adapter.safetensors"))
+            params = {n: p for n, p in self.lm.model.named_parameters() if "lora_" in n}
+            if set(saved) != set(params):
+                raise ValueError(f"saved adapter in {directory} does not fit this model's LoRA layers")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
+        self.merged = flags["merged"]
+        self.lm.model.eval()
+
+    def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The model's own (non-adapter) weights, named as without an adapter."""
+        module = self.lm.model.get_base_model() if self.has_adapter else self.lm.model
+        return {n.replace(".base_layer", ""): p for n, p in module.named_parameters() if "lora_" not in n}
 
     def teacher_mode(self, use_base: bool) -> contextlib.AbstractContextManager:
         """Context in which the LM acts as teacher: the base weights (adapter off) or the current model."""

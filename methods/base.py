@@ -4,10 +4,15 @@ A method gets knowledge through `inject`, answers queries (`answer`: generation;
 teacher-forced log-likelihood of a target), can be `reset` to the untouched model, and reports the
 storage it needs beside the base model. Built by Hydra from `conf/method/<name>.yaml` with the
 shared `LM` passed in at run time.
+
+Optional, for resumable runs: `save_state(directory)` / `load_state(directory)` write and restore what
+injection changed, so a run killed after step k continues at step k+1 (docs/sweeps.md). A method that
+does not implement them still works; a killed run of it restarts from its first step.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from core.lm import LM
@@ -52,11 +57,30 @@ class Method:
         """Facts about the method's state worth recording (e.g. whether an adapter was merged)."""
         return {}
 
+    # ------------------------------------------------------------------ resumable runs (optional)
+    def save_state(self, directory: Path) -> bool:
+        """Write everything `inject` changed since the last `reset` into the empty folder `directory`,
+        so a killed run can continue after its last complete step in a new process (`load_state`).
+        Tensors as safetensors, the rest as JSON; never pickles. Return False when the method cannot
+        (this default): a killed run then restarts from its first step, and its record says so.
+        The runner asks only before a step without `reset_before`; after a reset nothing is needed."""
+        return False
+
+    def load_state(self, directory: Path) -> None:
+        """Restore what `save_state` wrote, into a freshly built method whose `prepare` has already run."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore a saved state (its save_state returns False)")
+
 
 class BaseMethod(Method):
     """`method=base`: the untouched model answering without any context (the floor)."""
 
     name = "base"
+
+    def save_state(self, directory: Path) -> bool:
+        return True  # injection changes nothing: there is no state to save
+
+    def load_state(self, directory: Path) -> None:
+        pass
 
 
 class ContextMethod(Method):
@@ -67,6 +91,12 @@ class ContextMethod(Method):
     """
 
     name = "context"
+
+    def save_state(self, directory: Path) -> bool:
+        return True  # reads the gold context at question time: injection changes nothing
+
+    def load_state(self, directory: Path) -> None:
+        pass
 
     def prompt_ids(self, query: Query) -> list[int]:
         if query.context is None:

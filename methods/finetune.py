@@ -8,7 +8,9 @@ training text, through a LoRA adapter (peft) or the full weights (`update.mode=f
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +73,15 @@ class FineTuneMethod(Method):
 
     def extra_storage_bytes(self) -> int:
         return self.weights.extra_storage_bytes()
+
+    def save_state(self, directory: Path) -> bool:
+        self.weights.save(directory)
+        (Path(directory) / "finetune.json").write_text(json.dumps({"losses": self.losses}) + "\n")
+        return True
+
+    def load_state(self, directory: Path) -> None:
+        self.weights.load(directory)
+        self.losses = json.loads((Path(directory) / "finetune.json").read_text())["losses"]
 
     def info(self) -> dict[str, Any]:
         return {
