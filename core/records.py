@@ -5,6 +5,7 @@ Schema (top-level keys; documented in docs/records.md):
     status          str     "running" | "done" | "failed"
     error           str     the reason, when failed (exception type and message); else null
     run_id          str     hash of the resolved config minus bookkeeping keys (same config -> same id)
+    group_id        str     the same hash with the run seed left out: runs that differ only in seed share it
     config          dict    the resolved Hydra config
     method, task, model  str  short names, for tables
     seed            int
@@ -18,6 +19,8 @@ Schema (top-level keys; documented in docs/records.md):
     versions        dict    python, torch, transformers, peft, kbench
     git_commit      str     commit of the code (with "-dirty" when the tree had uncommitted changes)
     started_at, finished_at  str  ISO-8601 UTC
+    resumed_from    dict    set when this run continued an earlier, unfinished attempt of the same run_id:
+                            {"directory", "steps_reused", "note"} (steps_reused 0: it started over)
 Per-probe predictions go to `predictions.jsonl` beside the record.
 """
 from __future__ import annotations
@@ -87,6 +90,8 @@ class RunRecord:
     git_commit: str = field(default_factory=git_commit)
     started_at: str = field(default_factory=utc_now)
     finished_at: str | None = None
+    group_id: str = ""
+    resumed_from: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def write(self, directory: Path) -> Path:
