@@ -1,0 +1,169 @@
+"""`python -m runners.report`: tables (md / LaTeX / CSV) and plots from records on disk.
+
+The records here are written with the real `RunRecord` (same schema as a run writes), with metrics
+chosen so that every expected number is computed by hand in the test.
+"""
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from core.records import RunRecord
+from runners import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_run(directory: Path, method: str, seed: int, metrics: dict, *, task: str = "synthetic", status: str = "done",
+              error: str | None = None, inject: float = 1.0, storage: int = 0, steps: list | None = None,
+              knobs: dict | None = None, started: str = "2026-01-01T00:00:00+00:00") -> Path:
+    config = {"seed": seed, "method": {"name": method, "seed": seed, **(knobs or {})}, "task": {"name": task},
+              "model": {"name": "tiny"}, "logger": {"mode": "offline"}}
+    record = RunRecord(run_id=f"{method}-{task}-{seed}-{json.dumps(knobs, sort_keys=True)}", config=config,
+                       method=method, task=task, model="tiny", seed=seed, status=status, error=error,
+                       metrics=metrics if status == "done" else {}, timings={"inject": inject},
+                       extra_storage_bytes=storage, steps=steps or [], started_at=started,
+                       finished_at=None if status == "running" else started)
+    record.write(directory)
+    return directory
+
+
+def steps_of(*values: float) -> list[dict]:
+    return [{"index": i, "label": f"c{i}", "metrics": {"qa_f1": v}} for i, v in enumerate(values)]
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    """2 methods x 2 seeds done, plus one failed and one killed run of a third setting."""
+    root = tmp_path / "multirun"
+    write_run(root / "0", "base", 0, {"qa_f1": 0.0, "exact_match": 0.0}, steps=steps_of(0.0, 0.0, 0.0))
+    write_run(root / "1", "base", 1, {"qa_f1": 0.2, "exact_match": 0.0}, steps=steps_of(0.1, 0.2, 0.3))
+    write_run(root / "2", "ft_sentences", 0, {"qa_f1": 0.5, "exact_match": 0.25}, inject=10.0, storage=2_500_000,
+              steps=steps_of(0.9, 0.6, 0.5))
+    write_run(root / "3", "ft_sentences", 1, {"qa_f1": 0.7, "exact_match": 0.75}, inject=14.0, storage=2_500_000,
+              steps=steps_of(0.8, 0.7, 0.7))
+    write_run(root / "4", "selfparam", 0, {}, status="failed", error="NonFiniteLossError: loss became nan\nmore")
+    write_run(root / "5", "selfparam", 1, {}, status="running")
+    return root
+
+
+def test_markdown_aggregates_seeds_into_rows_and_lists_failures(sweep):
+    text = report.render([sweep])
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 2  # header, separator, one row per method
+    base = next(line for line in table if "| base " in line)
+    ft = next(line for line in table if "| ft_sentences " in line)
+    # base: F1 0.0 and 0.2 -> mean 0.100, sample std 0.141; ft: 0.5, 0.7 -> 0.600 ± 0.141; EM 0.25, 0.75 -> 0.500 ± 0.354
+    assert "0.100 ± 0.141" in base and "| 2 " in base
+    assert "0.600 ± 0.141" in ft and "0.500 ± 0.354" in ft
+    assert "12.0" in ft and "2.5 MB" in ft  # inject seconds (mean of 10 and 14), storage
+    assert "selfparam" not in "\n".join(table)
+    assert "Failed or unfinished runs (2):" in text
+    assert "selfparam / synthetic / tiny / seed 0: failed: NonFiniteLossError: loss became nan" in text
+    assert "more" not in text  # only the first line of the reason
+    assert "seed 1: running: unfinished" in text
+
+
+def test_attempts_of_one_run_count_once_and_links_are_followed(sweep, tmp_path):
+    # an earlier failed attempt of base seed 0, and a later sweep folder linking to the done record
+    write_run(tmp_path / "old", "base", 0, {}, status="failed", error="RuntimeError: killed", started="2025-01-01")
+    later = tmp_path / "later" / "0"
+    later.mkdir(parents=True)
+    os.symlink(os.path.relpath(sweep / "0" / "record.json", later), later / "record.json")
+    runs = report.load_runs([sweep, tmp_path / "old", tmp_path / "later"])
+    assert len(runs.records) == 6 and runs.superseded == 1
+    only_later = report.render([tmp_path / "later"])
+    assert "| base " in only_later and "| 1 " in only_later  # the link alone makes a row
+
+
+def test_unreadable_and_broken_records_are_reported_not_fatal(sweep):
+    (sweep / "6").mkdir()
+    (sweep / "6" / "record.json").write_text('{"run_id": "x", "status": "do')
+    (sweep / "7").mkdir()
+    os.symlink("../nowhere/record.json", sweep / "7" / "record.json")
+    text = report.render([sweep])
+    assert "unreadable record" in text and "JSONDecodeError" in text and "broken link" in text
+    assert "| ft_sentences " in text
+
+
+def test_settings_that_differ_in_a_knob_are_separate_rows(tmp_path):
+    for seed, f1 in ((0, 0.4), (1, 0.6)):
+        write_run(tmp_path / f"a{seed}", "ft_sentences", seed, {"qa_f1": f1}, knobs={"lr": 0.001})
+        write_run(tmp_path / f"b{seed}", "ft_sentences", seed, {"qa_f1": f1 / 2}, knobs={"lr": 0.0005})
+    table = report.summarize(report.runs_frame(report.load_runs([tmp_path]).records))
+    assert sorted(table["variant"]) == ["method.lr=0.0005", "method.lr=0.001"]
+    assert list(table["n"]) == [2, 2]
+    assert table.set_index("variant").loc["method.lr=0.001", "qa_f1_mean"] == pytest.approx(0.5)
+
+
+def test_csv_has_numeric_means_and_stds(sweep):
+    frame = pd.read_csv(io.StringIO(report.render([sweep], "csv")))
+    row = frame.set_index("method").loc["ft_sentences"]
+    assert row["n"] == 2 and row["qa_f1_mean"] == pytest.approx(0.6) and row["qa_f1_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert row["extra_storage_bytes_mean"] == 2_500_000 and row["inject_s_mean"] == pytest.approx(12.0)
+    assert "selfparam" not in set(frame["method"])
+
+
+def test_metrics_option_selects_columns_and_rejects_unknown(sweep):
+    text = report.render([sweep], metrics=["exact_match"])
+    assert "exact_match" in text and "qa_f1" not in text
+    with pytest.raises(ValueError, match="no finished run has metric"):
+        report.render([sweep], metrics=["recall@1"])
+
+
+def test_latex_is_a_plain_tabular(sweep):
+    latex = report.render([sweep], "latex")
+    body = latex.split("\\end{tabular}")[0]
+    assert latex.startswith("\\begin{tabular}{llllllll}")  # task method model n qa_f1 exact_match inject storage
+    assert "toprule" not in latex and body.count("\\hline") == 3
+    assert "ft\\_sentences" in latex and "qa\\_f1" in latex  # escaped
+    assert "0.600 $\\pm$ 0.141" in latex
+    assert all(line.startswith("%") for line in latex.split("\\end{tabular}")[1].strip().splitlines())
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (apt-get install texlive-latex-base)")
+def test_latex_compiles_with_pdflatex(sweep, tmp_path):
+    (tmp_path / "table.tex").write_text(report.render([sweep], "latex"))
+    (tmp_path / "doc.tex").write_text("\\documentclass{article}\n\\begin{document}\n\\input{table.tex}\n\\end{document}\n")
+    result = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout[-2000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+
+
+def test_plots_one_retention_curve_per_multistep_task_and_one_bar_chart_per_task(sweep, tmp_path):
+    write_run(sweep / "8", "base", 0, {"recall@1": 0.1}, task="inspired")  # single step: no retention plot
+    files = report.plot([sweep], tmp_path / "plots")
+    assert sorted(f.name for f in files) == ["metrics_inspired.png", "metrics_synthetic.png", "retention_synthetic.png"]
+    for file in files:
+        image = matplotlib.image.imread(file)
+        assert file.stat().st_size > 0 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_sequential_curves_use_injections_and_the_injected_mean():
+    """Sequential tasks log `injections` and `qa_f1_injected` per step; two sequences share the x axis."""
+    steps = [{"index": i, "label": "", "metrics": {"injections": float(j), **({"qa_f1_injected": v} if j else {})}}
+             for i, (j, v) in enumerate([(0, None), (1, 0.8), (2, 0.6), (0, None), (1, 0.4), (2, 0.2)])]
+    record = {"method": "ft_sentences", "model": "tiny", "task": "sequential", "config": {}, "run_id": "r", "steps": steps}
+    curves = report._step_curves([record], "qa_f1")
+    assert curves.groupby("x")["value"].mean().to_dict() == pytest.approx({1.0: 0.6, 2.0: 0.4})
+    assert set(curves["x_name"]) == {"contexts injected"}
+
+
+def test_cli_writes_the_table_and_plots_and_fails_clearly_on_an_empty_folder(sweep, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "runners.report", *map(str, a)], cwd=ROOT,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    result = run(sweep, "--out", tmp_path / "out" / "table.md", "--plot")
+    assert result.returncode == 0, result.stderr
+    assert "0.600 ± 0.141" in (tmp_path / "out" / "table.md").read_text()
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    (tmp_path / "empty").mkdir()
+    result = run(tmp_path / "empty")
+    assert result.returncode == 2 and "no record.json found" in result.stderr
