@@ -16,22 +16,14 @@ from typing import Any
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from core.io import stable_hash
 from core.records import PREDICTIONS_FILE, RunRecord, utc_now
 from core.types import Answer, ProbeSet, TargetScore
 from methods.base import Method
 from runners.build import build
+from runners.results import BOOKKEEPING_KEYS, final_results, run_identity, score_probe_set  # noqa: F401 (re-export)
 from tasks.base import ProbeResult, Task
 
 log = logging.getLogger(__name__)
-
-# keys that do not change what a run computes (excluded from its identity)
-BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "hydra")
-
-
-def run_identity(cfg: DictConfig) -> str:
-    config = OmegaConf.to_container(cfg, resolve=True)
-    return stable_hash({k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS})
 
 
 def probe(method: Method, probe_set: ProbeSet) -> list[Answer] | list[TargetScore]:
@@ -124,9 +116,9 @@ class Experiment:
                                    step=step.index)
             log.info("step %d (%s): %s", step.index, step.label, _fmt(metrics))
 
-        record.metrics = task.summarize(all_results)
-        record.metric_protocols = task.metric_protocols()
-        record.task_report = task.report(all_results, self.output_dir)
+        final = final_results(task, all_results, self.output_dir)
+        record.metrics, record.metric_protocols = final["metrics"], final["metric_protocols"]
+        record.task_report = final["task_report"]
         record.method_info |= method.info()
 
     def _run_step(self, method: Method, task: Task, step) -> tuple[list[ProbeResult], float, float]:
@@ -139,11 +131,7 @@ class Experiment:
         started = time.perf_counter()
         results: list[ProbeResult] = []
         for probe_set in step.probe_sets:
-            outputs = probe(method, probe_set)
-            scores = task.score(probe_set, outputs)
-            results += [
-                ProbeResult(step.index, probe_set.name, p, out, s) for p, out, s in zip(probe_set.probes, outputs, scores)
-            ]
+            results += score_probe_set(task, step.index, probe_set, probe(method, probe_set))
         return results, inject_s, time.perf_counter() - started
 
     def _finish_logger(self) -> None:

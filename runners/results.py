@@ -1,0 +1,41 @@
+"""What the experiment loop and the offline rescorer share: a run's identity, and turning outputs into
+scored results. Kept free of model code (no torch / transformers import), so rescoring starts fast.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from core.io import stable_hash
+from core.types import Answer, ProbeSet, TargetScore
+from tasks.base import ProbeResult, Task
+
+# keys that do not change what a run computes (excluded from its identity)
+BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "hydra")
+
+
+def run_identity(cfg: DictConfig) -> str:
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return stable_hash({k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS})
+
+
+def score_probe_set(
+    task: Task, step_index: int, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]
+) -> list[ProbeResult]:
+    """The task's per-probe metrics for one probe set's outputs, as `ProbeResult`s."""
+    if len(outputs) != len(probe_set.probes):
+        raise ValueError(f"probe set {probe_set.name!r}: {len(outputs)} outputs for {len(probe_set.probes)} probes")
+    scores = task.score(probe_set, outputs)
+    return [ProbeResult(step_index, probe_set.name, p, out, s) for p, out, s in zip(probe_set.probes, outputs, scores)]
+
+
+def final_results(task: Task, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
+    """The record's `metrics`, `metric_protocols` and `task_report` from every probe result of a run."""
+    return {
+        "metrics": task.summarize(results),
+        "metric_protocols": task.metric_protocols(),
+        "task_report": task.report(results, output_dir),
+    }
