@@ -44,6 +44,9 @@ class ProbeResult:
         else:
             row["target_logprob"] = self.output.logprob
             row["target_tokens"] = self.output.n_tokens
+            # every field of the TargetScore, so `runners.rescore` can rebuild it without the model
+            row["target_token_accuracy"] = self.output.token_accuracy
+            row["target_predicted_ids"] = list(self.output.predicted_ids)
         if self.probe.meta:
             row["probe_meta"] = self.probe.meta
         return row | self.extra
