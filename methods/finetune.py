@@ -25,7 +25,9 @@ Pair = tuple[list[int], list[int]]
 
 
 class FineTuneMethod(Method):
-    """Shared loop of the FT baselines; subclasses say which (prefix, target) pairs to train on."""
+    """Shared machinery of every method that trains the LM on examples derived from the knowledge
+    (FT(C), FT(S), SELF-PARAM): the weight update, the loop, merge, reset, storage and saved state.
+    Subclasses say which examples to train on (`training_examples`) and with what loss (`loss`)."""
 
     def __init__(
         self,
@@ -46,20 +48,23 @@ class FineTuneMethod(Method):
         self.weight_decay, self.max_grad_norm, self.merge, self.seed = weight_decay, max_grad_norm, merge, seed
         self.losses: list[float] = []
 
-    def training_pairs(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
+    def training_examples(self, knowledge: Sequence[Knowledge]) -> list[Any]:
+        """What to train on; called before the update starts (the model is still as before injection)."""
         raise NotImplementedError
 
-    def lm_loss(self, pairs: list[Pair]) -> tuple[torch.Tensor, int]:
-        batch = self.lm.collate(pairs)
+    def loss(self, examples: list[Any]) -> tuple[torch.Tensor, int]:
+        """Summed loss over a mini-batch of examples, and the number of target tokens it covers.
+        Default: the causal-LM cross-entropy on (prefix, target) id pairs."""
+        batch = self.lm.collate(examples)
         targets = batch.target_ids
         return F.cross_entropy(self.lm.target_logits(batch), targets, reduction="sum"), len(targets)
 
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
-        pairs = self.training_pairs(knowledge)
+        examples = self.training_examples(knowledge)
         params = self.weights.begin()
         try:
             self.losses = train(
-                params, pairs, self.lm_loss, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                params, examples, self.loss, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                 grad_accum=self.grad_accum, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
                 seed=self.seed, desc=f"inject {self.name}",
             )
@@ -100,7 +105,7 @@ class FineTuneContext(FineTuneMethod):
         super().__init__(lm, **knobs)
         self.chunk_tokens = chunk_tokens
 
-    def training_pairs(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
+    def training_examples(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
         pairs = []
         for item in knowledge:
             ids = self.lm.encode(item.context)
@@ -117,5 +122,5 @@ class FineTuneSentences(FineTuneMethod):
         super().__init__(lm, **knobs)
         self.sentences = sentences
 
-    def training_pairs(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
+    def training_examples(self, knowledge: Sequence[Knowledge]) -> list[Pair]:
         return [(self.lm.start_ids, self.lm.encode(s)) for item in knowledge for s in self.sentences(item, self.lm)]

@@ -40,9 +40,8 @@ import torch
 from core.io import atomic_write_json, cache_dir, read_json, read_jsonl, stable_hash
 from core.lm import LM
 from core.progress import progress
-from core.training import WeightUpdate, train
 from core.types import GenerationSpec, KBenchError, Knowledge
-from methods.base import Method
+from methods.finetune import FineTuneMethod
 from methods.sentences import SentenceSource
 
 log = logging.getLogger(__name__)
@@ -75,8 +74,10 @@ def distill_kl(
     return top + teacher_rest.exp() * (teacher_rest - student_rest)
 
 
-class SelfParam(Method):
-    """`method=selfparam`. Knobs: conf/method/selfparam.yaml (reference values documented there)."""
+class SelfParam(FineTuneMethod):
+    """`method=selfparam`. Knobs: conf/method/selfparam.yaml (reference values documented there).
+    The loop, LoRA/full update, merge, reset, storage and saved state are FT's (methods/finetune.py);
+    this class adds the examples (three kinds of sentences with a cached teacher) and the KL loss."""
 
     name = "selfparam"
 
@@ -84,15 +85,6 @@ class SelfParam(Method):
         self,
         lm: LM,
         sentences: SentenceSource,
-        update: dict[str, Any],
-        lr: float = 1e-3,
-        epochs: int = 5,
-        batch_size: int = 4,
-        grad_accum: int = 1,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 1.0,
-        merge: bool = False,
-        seed: int = 0,
         teacher: str = "current",
         teacher_top_k: int = 64,
         teacher_batch_size: int = 4,
@@ -100,16 +92,14 @@ class SelfParam(Method):
         regularisation_per_sentence: float = 1.0,
         context_on_regularisation: bool = True,
         regularisation: dict[str, Any] | None = None,
+        **training,
     ) -> None:
-        super().__init__(lm)
+        super().__init__(lm, **training)
         if teacher not in ("current", "base"):
             raise ValueError(f"method.teacher must be 'current' or 'base', got {teacher!r}")
         if teacher_top_k < 0 or continuation_per_sentence < 0 or regularisation_per_sentence < 0:
             raise ValueError("teacher_top_k and the per-sentence ratios must be >= 0")
         self.sentences = sentences
-        self.weights = WeightUpdate(lm, mode=update.get("mode", "lora"), lora=update.get("lora"), seed=seed)
-        self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
-        self.weight_decay, self.max_grad_norm, self.merge, self.seed = weight_decay, max_grad_norm, merge, seed
         self.teacher, self.teacher_top_k, self.teacher_batch_size = teacher, teacher_top_k, teacher_batch_size
         self.continuation_ratio, self.regularisation_ratio = continuation_per_sentence, regularisation_per_sentence
         self.context_on_regularisation = context_on_regularisation
@@ -118,9 +108,8 @@ class SelfParam(Method):
         if unknown:
             raise ValueError(f"unknown method.regularisation option(s) {sorted(unknown)}; known: {sorted(defaults)}")
         self.regularisation_cfg = defaults | (regularisation or {})
-        self.rng = random.Random(seed)
+        self.rng = random.Random(self.seed)
         self.regularisation_pool: list[list[int]] = []
-        self.losses: list[float] = []
         self.cache_bytes = 0
         self.n_examples: dict[str, int] = {}
 
@@ -194,8 +183,15 @@ class SelfParam(Method):
         return examples
 
     # ------------------------------------------------------------------ training
-    def kl_loss(self, examples: list[DistillExample]) -> tuple[torch.Tensor, int]:
-        """Summed per-token KL over a mini-batch of student sequences, and the token count."""
+    def training_examples(self, knowledge: Sequence[Knowledge]) -> list[DistillExample]:
+        self.prepare([])  # no-op when the runner already called it
+        pairs = [pair for item in knowledge for pair in self._pairs(item)]
+        examples = self._teacher_cache(pairs)  # before any update: the teacher is the current model
+        self.n_examples = {k: sum(e.kind == k for e in examples) for k in ("qa", "continuation", "regularisation")}
+        return examples
+
+    def loss(self, examples: list[DistillExample]) -> tuple[torch.Tensor, int]:
+        """Summed per-token KL(teacher ‖ student) over a mini-batch of student sequences, and the token count."""
         batch = self.lm.collate([e.student for e in examples])
         logits = self.lm.target_logits(batch)
         device = logits.device
@@ -208,34 +204,21 @@ class SelfParam(Method):
             kl = distill_kl(logits, teacher)
         return kl.sum(), kl.numel()
 
-    def inject(self, knowledge: Sequence[Knowledge]) -> None:
-        self.prepare([])  # no-op when the runner already called it
-        pairs = [pair for item in knowledge for pair in self._pairs(item)]
-        examples = self._teacher_cache(pairs)  # before any update: the teacher is the current model
-        params = self.weights.begin()
-        try:
-            self.losses = train(
-                params, examples, self.kl_loss, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                grad_accum=self.grad_accum, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-                seed=self.seed, desc="inject selfparam",
-            )
-        finally:
-            self.weights.end()
-        if self.merge:
-            self.weights.merge()
-        self.n_examples = {kind: sum(e.kind == kind for e in examples) for kind in ("qa", "continuation", "regularisation")}
+    def save_state(self, directory: Path) -> bool:
+        super().save_state(directory)  # weights and losses
+        state = {"rng": self.rng.getstate(), "n_examples": self.n_examples}
+        atomic_write_json(Path(directory) / "selfparam.json", state)
+        return True
 
-    def reset(self) -> None:
-        self.weights.reset()
-
-    def extra_storage_bytes(self) -> int:
-        return self.weights.extra_storage_bytes()
+    def load_state(self, directory: Path) -> None:
+        super().load_state(directory)
+        state = read_json(Path(directory) / "selfparam.json", "SELF-PARAM state (JSON)")
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.n_examples = state["n_examples"]
 
     def info(self) -> dict[str, Any]:
-        return {
-            "update_mode": self.weights.mode,
-            "merged": self.weights.merged,
-            "final_train_loss": self.losses[-1] if self.losses else None,
+        return super().info() | {
             "teacher_cache_bytes": self.cache_bytes,
             "examples_per_injection": self.n_examples,
         }

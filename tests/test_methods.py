@@ -20,7 +20,7 @@ def fact(sentences=("The river Orvane runs north.\n", "Velmora lies on the Orvan
 
 def mean_loss(method, pairs) -> float:
     with torch.no_grad():
-        loss, n = method.lm_loss(pairs)
+        loss, n = method.loss(pairs)
     return float(loss) / n
 
 
@@ -36,7 +36,7 @@ def test_context_method_answers_a_copyable_fact_that_base_cannot(tiny_lm):
 def test_ft_sentences_lowers_the_loss_on_its_sentences(tiny_lm):
     method = FineTuneSentences(tiny_lm, sentences=TaskSentences(), update=LORA, **FAST)
     knowledge = fact()
-    pairs = method.training_pairs([knowledge])
+    pairs = method.training_examples([knowledge])
     before = mean_loss(method, pairs)
     method.inject([knowledge])
     after = mean_loss(method, pairs)
@@ -48,7 +48,7 @@ def test_ft_sentences_lowers_the_loss_on_its_sentences(tiny_lm):
 def test_ft_context_lowers_the_loss_on_the_context_and_chunks_it(tiny_lm):
     method = FineTuneContext(tiny_lm, chunk_tokens=8, update=LORA, **FAST)
     knowledge = fact()
-    pairs = method.training_pairs([knowledge])
+    pairs = method.training_examples([knowledge])
     assert all(len(target) <= 8 for _, target in pairs)
     assert sum(len(t) for _, t in pairs) == len(tiny_lm.encode(knowledge.context))
     before = mean_loss(method, pairs)
@@ -88,7 +88,7 @@ def test_merge_keeps_outputs_and_frees_storage(tiny_lm):
 
 def test_nan_loss_stops_injection(tiny_lm):
     method = FineTuneSentences(tiny_lm, sentences=TaskSentences(), update=LORA, **FAST)
-    method.lm_loss = lambda pairs: (torch.tensor(float("nan"), requires_grad=True), 3)
+    method.loss = lambda pairs: (torch.tensor(float("nan"), requires_grad=True), 3)
     with pytest.raises(NonFiniteLossError, match="loss became nan"):
         method.inject([fact()])
 

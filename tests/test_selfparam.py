@@ -20,7 +20,7 @@ def make(lm, **knobs) -> SelfParam:
 
 def total_kl(method, examples) -> float:
     with torch.no_grad():
-        loss, n = method.kl_loss(examples)
+        loss, n = method.loss(examples)
     return float(loss) / n
 
 
@@ -163,3 +163,18 @@ def test_batch_injection_on_pwc_through_the_runner(tmp_path, shared_dir):
     assert len(record["steps"]) == 1 and record["method_info"]["task"]["n_contexts"] == 3
     assert record["method_info"]["examples_per_injection"]["qa"] >= 3
     assert record["extra_storage_bytes"] > 0 and record["method_info"]["teacher_cache_bytes"] > 0
+
+
+def test_saved_state_restores_the_adapter_and_the_sampling_state(tiny_lm_factory, tmp_path):
+    first_lm = tiny_lm_factory()
+    method = make(first_lm, continuation_per_sentence=1.0)
+    method.inject([FACT])
+    assert method.save_state(tmp_path / "state") is True
+    prompt = torch.tensor([first_lm.prompt_ids(" Velmora")])
+    fresh_lm = tiny_lm_factory()
+    restored = make(fresh_lm, continuation_per_sentence=1.0)
+    restored.load_state(tmp_path / "state")
+    with torch.no_grad():
+        assert torch.allclose(fresh_lm.model(prompt).logits, first_lm.model(prompt).logits, atol=1e-6)
+    assert restored.rng.random() == method.rng.random()  # the next continuation cut is the same
+    assert restored.losses == method.losses and restored.extra_storage_bytes() == method.extra_storage_bytes()
