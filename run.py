@@ -1,18 +1,50 @@
-"""Run one kbench experiment (or a sweep with -m): python run.py method=selfparam task=synthetic"""
+"""Run one kbench experiment (or a sweep with -m): python run.py method=selfparam task=synthetic
+
+A run whose config (run_id) already has a `done` record under `resume.search_dir` is skipped: its
+folder gets a `record.json` link to that record (`force=true` runs it again). An unfinished earlier
+attempt (killed, failed) is continued after its last checkpointed step. See docs/sweeps.md.
+"""
+import warnings
+from pathlib import Path
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
-from runners.experiment import Experiment, results_table
+from runners import resume
+from runners.experiment import Experiment, results_table, run_identity
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml hold kbench's settings for the launcher
+# plugins under the plugins' own names, so `hydra/launcher=joblib` picks them; Hydra still checks them
+# against the plugins' schemas and warns that this matching is deprecated. It is intended here.
+warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     names = {group: hydra_cfg.runtime.choices.get(group) for group in ("model", "method", "task")}
-    record = Experiment(cfg, hydra_cfg.runtime.output_dir, names=names).run()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    if hydra_cfg.mode == RunMode.MULTIRUN and "group" in (cfg.get("logger") or {}) and cfg.logger.group is None:
+        with open_dict(cfg):
+            cfg.logger.group = Path(hydra_cfg.sweep.dir).name  # W&B groups a sweep's runs
+
+    run_id = run_identity(cfg)
+    attempts = resume.earlier_attempts(cfg.resume.search_dir, run_id)
+    done = next((a for a in attempts if a.done), None)
+    if done is not None and not cfg.force:
+        resume.link_record(done, output_dir)
+        print(f"skipped: run {run_id} ({names['method']} / {names['task']} / seed {cfg.seed}) is already done in "
+              f"{done.directory} (force=true runs it again)")
+        return
+    resume_from = None
+    unfinished = [a.directory for a in attempts if not a.done]
+    if unfinished and not cfg.force:  # the newest attempt with a checkpoint; else the record says it started over
+        resume_from = next((d for d in unfinished if resume.latest_checkpoint(d, run_id)), unfinished[0])
+    record = Experiment(cfg, output_dir, names=names, resume_from=resume_from).run()
     print(results_table([record]))
-    print(f"record: {hydra_cfg.runtime.output_dir}/record.json")
+    print(f"record: {output_dir}/record.json")
 
 
 if __name__ == "__main__":

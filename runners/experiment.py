@@ -2,6 +2,8 @@
 
 Nothing here is specific to a method or a task. The record (`record.json`) is rewritten atomically
 after every step, so a crash loses at most the step in progress, and a failed run still says why.
+A checkpoint follows every step but the last; a run given `resume_from` (an earlier, unfinished
+attempt of the same config) continues after that attempt's last checkpoint (runners/resume.py).
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from core.records import PREDICTIONS_FILE, RunRecord, utc_now
-from core.types import Answer, ProbeSet, TargetScore
+from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from methods.base import Method
+from runners import resume
 from runners.build import build
-from runners.results import BOOKKEEPING_KEYS, final_results, run_identity, score_probe_set  # noqa: F401 (re-export)
+from runners.results import (  # noqa: F401 (BOOKKEEPING_KEYS, run_identity: re-exported)
+    BOOKKEEPING_KEYS, final_results, run_identity, score_probe_set, setting_identity,
+)
 from tasks.base import ProbeResult, Task
 
 log = logging.getLogger(__name__)
@@ -38,14 +43,20 @@ def probe(method: Method, probe_set: ProbeSet) -> list[Answer] | list[TargetScor
 class Experiment:
     """Runs one (model, method, task) configuration and writes its record into `output_dir`."""
 
-    def __init__(self, cfg: DictConfig, output_dir: str | Path, names: dict[str, str] | None = None) -> None:
-        """`names` are the short names of the chosen model/method/task configs (Hydra's choices)."""
+    def __init__(self, cfg: DictConfig, output_dir: str | Path, names: dict[str, str] | None = None,
+                 resume_from: str | Path | None = None) -> None:
+        """`names` are the short names of the chosen model/method/task configs (Hydra's choices);
+        `resume_from` is the folder of an earlier, unfinished attempt of this run to continue."""
         self.cfg = cfg
+        self.resume_from = Path(resume_from) if resume_from else None
+        # read now: this run's own record may replace it (same folder) before it is used
+        self._earlier_steps = resume.recorded_steps(self.resume_from) if self.resume_from else []
         names = names or {}
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.record = RunRecord(
             run_id=run_identity(cfg),
+            group_id=setting_identity(cfg),
             config=OmegaConf.to_container(cfg, resolve=True),
             method=names.get("method") or _short(cfg.method._target_),
             task=names.get("task") or _short(cfg.task._target_),
@@ -61,6 +72,10 @@ class Experiment:
         try:
             self._run()
             self.record.status = "done"
+            if not self.cfg.get("resume", {}).get("keep_checkpoints", False):
+                resume.remove_checkpoints(self.output_dir)
+                if self.resume_from is not None:
+                    resume.remove_checkpoints(self.resume_from)  # that attempt is finished now, here
         except BaseException as err:  # KeyboardInterrupt too: the record must say the run did not finish
             self.record.status = "failed"
             self.record.error = f"{type(err).__name__}: {err}"
@@ -93,10 +108,10 @@ class Experiment:
         record.timings["prepare"] = round(time.perf_counter() - started, 3)
 
         predictions = self.output_dir / PREDICTIONS_FILE
-        predictions.write_text("")
-        all_results: list[ProbeResult] = []
         record.timings |= {"inject": 0.0, "eval": 0.0}
-        for step in steps:
+        all_results, first = self._reuse_finished_steps(method, task, steps)
+        for position in range(first, len(steps)):
+            step = steps[position]
             step_results, inject_s, eval_s = self._run_step(method, task, step)
             all_results += step_results
             record.timings["inject"] = round(record.timings["inject"] + inject_s, 3)
@@ -111,15 +126,65 @@ class Experiment:
             with predictions.open("a", encoding="utf-8") as handle:
                 handle.writelines(json.dumps(r.to_row(), ensure_ascii=False, default=str) + "\n" for r in step_results)
             record.write(self.output_dir)
-            if self.wandb_run is not None:
-                self.wandb_run.log({f"step/{k}": v for k, v in metrics.items()} | {"step/inject_seconds": inject_s},
-                                   step=step.index)
-            log.info("step %d (%s): %s", step.index, step.label, _fmt(metrics))
+            self._checkpoint(method, steps, position)
+            self._log_step(record.steps[-1])
 
         final = final_results(task, all_results, self.output_dir)
         record.metrics, record.metric_protocols = final["metrics"], final["metric_protocols"]
         record.task_report = final["task_report"]
         record.method_info |= method.info()
+
+    def _log_step(self, entry: dict[str, Any]) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log({f"step/{k}": v for k, v in entry["metrics"].items()}
+                               | {"step/inject_seconds": entry["inject_seconds"]}, step=entry["index"])
+        log.info("step %d (%s): %s", entry["index"], entry["label"], _fmt(entry["metrics"]))
+
+    # ------------------------------------------------------------------ resuming
+    def _checkpoint(self, method: Method, steps: Sequence[Step], position: int) -> None:
+        """What a new process needs to continue at the next step: the step count, and the method's
+        state only if that step continues from it (no reset first). None after the last step."""
+        if position + 1 >= len(steps) or not self.cfg.get("resume", {}).get("checkpoint", True):
+            return
+        with_state = not steps[position + 1].reset_before
+        if resume.write_checkpoint(self.output_dir, self.record.run_id, position + 1, method, with_state) is None:
+            log.warning("%s cannot save its state (Method.save_state): if this run is killed, it resumes from "
+                        "an earlier checkpoint or starts over", type(method).__name__)
+
+    def _reuse_finished_steps(self, method: Method, task: Task, steps: Sequence[Step]) -> tuple[list[ProbeResult], int]:
+        """Continue `resume_from` after its last checkpoint: the task scores the finished steps' stored
+        outputs again, their record entries and prediction lines are carried over, the method's state
+        is loaded. Returns the results so far and the position of the first step to run."""
+        predictions, record = self.output_dir / PREDICTIONS_FILE, self.record
+        if self.resume_from is None:
+            predictions.write_text("")
+            return [], 0
+        try:
+            finished = resume.finished_steps(self.resume_from, self._earlier_steps, record.run_id, list(steps))
+            by_step = resume.score_again(task, finished)
+        except (KBenchError, OSError, ValueError, KeyError) as err:
+            predictions.write_text("")
+            record.resumed_from = {"directory": str(self.resume_from), "steps_reused": 0, "note": f"started over: {err}"}
+            log.warning("could not continue %s, starting over: %s", self.resume_from, err)
+            return [], 0
+        results: list[ProbeResult] = []
+        for entry in finished.entries:
+            step_results = by_step.get(entry["index"], [])
+            results += step_results
+            record.steps.append(entry | {"metrics": task.step_metrics(step_results)})
+            record.timings["inject"] = round(record.timings["inject"] + entry.get("inject_seconds", 0.0), 3)
+            record.timings["eval"] = round(record.timings["eval"] + entry.get("eval_seconds", 0.0), 3)
+            record.extra_storage_bytes = entry.get("extra_storage_bytes", 0)
+            self._log_step(record.steps[-1])
+        if finished.checkpoint.method_state is not None:
+            method.load_state(finished.checkpoint.method_state)
+        predictions.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in finished.rows))
+        restored = " (method state restored)" if finished.checkpoint.method_state is not None else ""
+        record.resumed_from = {"directory": str(self.resume_from), "steps_reused": len(finished.entries),
+                               "note": "continued after the last checkpoint" + restored}
+        record.write(self.output_dir)
+        log.info("continuing %s after %d finished step(s)%s", self.resume_from, len(finished.entries), restored)
+        return results, len(finished.entries)
 
     def _run_step(self, method: Method, task: Task, step) -> tuple[list[ProbeResult], float, float]:
         if step.reset_before:

@@ -3,23 +3,33 @@ scored results. Kept free of model code (no torch / transformers import), so res
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from core.io import stable_hash
 from core.types import Answer, ProbeSet, TargetScore
 from tasks.base import ProbeResult, Task
 
 # keys that do not change what a run computes (excluded from its identity)
-BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "hydra")
+BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "resume", "hydra")
 
 
 def run_identity(cfg: DictConfig) -> str:
     config = OmegaConf.to_container(cfg, resolve=True)
     return stable_hash({k: v for k, v in config.items() if k not in BOOKKEEPING_KEYS})
+
+
+def setting_identity(cfg: DictConfig) -> str:
+    """`run_identity` with the run seed left out: runs that differ only in `seed` (and in what is
+    interpolated from it, e.g. `method.seed: ${seed}`) share it; the report averages over them."""
+    seedless = copy.deepcopy(cfg)
+    with open_dict(seedless):
+        seedless.seed = "<seed>"
+    return run_identity(seedless)
 
 
 def score_probe_set(

@@ -53,6 +53,8 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     """Run `python run.py ARGS` as a user would (`env` values of None unset a variable)."""
     merged = os.environ | {"TQDM_DISABLE": "1", "HYDRA_FULL_ERROR": "0"} | (env or {})
     environment = {k: v for k, v in merged.items() if v is not None}
+    if not any(arg.startswith("resume.search_dir=") for arg in args):
+        args = (*args, "resume.search_dir=null")  # never skip or resume a test run because of records in outputs/
     return subprocess.run(
         [sys.executable, str(ROOT / "run.py"), *args],
         cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,

@@ -1,0 +1,208 @@
+"""Resumable runs: find earlier attempts of the same run, skip finished ones, continue unfinished ones.
+
+A run is identified by its `run_id` (hash of the resolved config minus bookkeeping keys). Hydra names
+output folders by time, so a re-launched sweep writes into new folders; earlier attempts are found by
+scanning `resume.search_dir` (default `outputs/`) for `record.json` files with the same run_id:
+
+- one says `done` -> the job does nothing but link its folder's `record.json` to that record, so the
+  new sweep folder still holds every run (`force=true` runs it again);
+- else the newest attempt with a checkpoint (killed: `running`, or `failed`) is continued after its
+  last checkpointed step, in the new folder; without a checkpoint the run starts over. Either way the
+  new record's `resumed_from` says which attempt it continued and from where.
+
+Checkpoints. After step k the runner writes `checkpoints/step-<k>/` into the run folder:
+`checkpoint.json` (written last: its presence marks a complete checkpoint) and, when the next step
+does not reset the method, the method's own state (`Method.save_state`) in `method/`. Steps that
+reset first need no state, so every single-injection run is resumable whatever the method. Older
+checkpoints are deleted once a newer one is complete; all are deleted when the run is done.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core.io import atomic_write_json
+from core.records import PREDICTIONS_FILE, RECORD_FILE
+from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
+from runners.rescore import output_of  # a predictions line -> the method output, as offline rescoring does
+from runners.results import score_probe_set
+from tasks.base import ProbeResult, Task
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_FILE = "checkpoint.json"
+
+
+@dataclass
+class Attempt:
+    """An earlier record of the same run."""
+
+    directory: Path
+    record: dict[str, Any]
+
+    @property
+    def done(self) -> bool:
+        return self.record.get("status") == "done"
+
+
+def earlier_attempts(search_dir: str | Path | None, run_id: str) -> list[Attempt]:
+    """Records with this run_id under `search_dir` (recursively), newest first; links count once."""
+    if not search_dir or not Path(search_dir).is_dir():
+        return []
+    attempts, seen = [], set()
+    for file in Path(search_dir).rglob(RECORD_FILE):
+        target = file.resolve()
+        if target in seen or not target.is_file():
+            continue
+        seen.add(target)
+        try:
+            text = target.read_text(encoding="utf-8")
+            if run_id not in text:  # cheap filter before parsing
+                continue
+            record = json.loads(text)
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("ignoring unreadable record %s: %s", target, err)
+            continue
+        if record.get("run_id") == run_id:
+            attempts.append(Attempt(target.parent, record))
+    return sorted(attempts, key=lambda a: a.record.get("started_at") or "", reverse=True)
+
+
+def link_record(done: Attempt, output_dir: Path) -> Path:
+    """Make `output_dir/record.json` a relative link to the done record (nothing to do if it is that record)."""
+    link = output_dir / RECORD_FILE
+    target = done.directory / RECORD_FILE
+    if link.resolve() == target.resolve():
+        return link
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = output_dir / f".{RECORD_FILE}.link"
+    temporary.unlink(missing_ok=True)
+    temporary.symlink_to(os.path.relpath(target, output_dir))
+    os.replace(temporary, link)
+    return link
+
+
+# ------------------------------------------------------------------ checkpoints
+@dataclass
+class Checkpoint:
+    directory: Path
+    steps_done: int  # steps 0 .. steps_done-1 are complete (positions in `Task.steps()`)
+    method_state: Path | None  # the method's saved state, when the next step does not reset
+
+    @property
+    def needs_method_state(self) -> bool:
+        return self.method_state is not None
+
+
+def write_checkpoint(output_dir: Path, run_id: str, steps_done: int, method: Any, with_state: bool) -> Checkpoint | None:
+    """Checkpoint after `steps_done` steps; with `with_state`, also the method's state. Returns None (and
+    keeps the older checkpoint) when the method cannot save its state."""
+    root = output_dir / CHECKPOINTS
+    directory = root / f"step-{steps_done:05d}"
+    shutil.rmtree(directory, ignore_errors=True)  # a half-written one from a killed attempt in this folder
+    directory.mkdir(parents=True)
+    state = directory / "method" if with_state else None
+    if state is not None:
+        state.mkdir()
+        if not method.save_state(state):
+            shutil.rmtree(directory)
+            return None
+    atomic_write_json(directory / CHECKPOINT_FILE, {
+        "run_id": run_id, "steps_done": steps_done, "method_state": state.name if state else None,
+    })
+    for older in root.iterdir():
+        if older != directory and older.name.startswith("step-"):
+            shutil.rmtree(older, ignore_errors=True)
+    return Checkpoint(directory, steps_done, state)
+
+
+def latest_checkpoint(run_dir: Path, run_id: str) -> Checkpoint | None:
+    """The newest complete checkpoint of this run in `run_dir`, if any."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    for directory in sorted(root.glob("step-*"), reverse=True):
+        try:
+            meta = json.loads((directory / CHECKPOINT_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # incomplete: killed while writing it
+        if meta.get("run_id") != run_id:
+            continue
+        state = directory / meta["method_state"] if meta.get("method_state") else None
+        return Checkpoint(directory, int(meta["steps_done"]), state)
+    return None
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ reusing finished steps
+class ResumeError(KBenchError):
+    """An earlier attempt cannot be continued (the message says why); the run starts over."""
+
+
+@dataclass
+class FinishedSteps:
+    """What an earlier attempt completed before its checkpoint, read back from its files."""
+
+    checkpoint: Checkpoint
+    entries: list[dict[str, Any]]  # the record's `steps` entries
+    rows: list[dict[str, Any]]  # their predictions.jsonl lines, in file order
+    outputs: list[tuple[Step, ProbeSet, list[Answer | TargetScore]]]  # per probe set, in run order
+
+
+def recorded_steps(attempt_dir: Path) -> list[dict[str, Any]]:
+    """The `steps` entries of an attempt's record ([] if it cannot be read)."""
+    try:
+        return json.loads((Path(attempt_dir) / RECORD_FILE).read_text(encoding="utf-8")).get("steps", [])
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return []
+
+
+def finished_steps(attempt_dir: Path, recorded: list[dict[str, Any]], run_id: str, steps: list[Step]) -> FinishedSteps:
+    """The steps an earlier attempt of this run finished (`recorded`: its record's `steps`), with the
+    method output of every probe, so the task can score them again exactly as the attempt did.
+    Raises `ResumeError` if the attempt's files do not cover its last checkpoint."""
+    checkpoint = latest_checkpoint(attempt_dir, run_id)
+    if checkpoint is None:
+        raise ResumeError(f"no checkpoint in {attempt_dir}: the attempt stopped before finishing a step, or its "
+                          "method cannot save its state (Method.save_state) before a step without reset")
+    done = steps[: checkpoint.steps_done]
+    entries = recorded[: len(done)]
+    if [e.get("index") for e in entries] != [s.index for s in done]:
+        raise ResumeError(f"{attempt_dir / RECORD_FILE} does not list the {len(done)} checkpointed steps")
+    indices = {s.index for s in done}
+    rows, by_key = [], {}
+    predictions = attempt_dir / PREDICTIONS_FILE
+    for line_no, line in enumerate(predictions.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn last line of the step that was running when the attempt died
+        if row.get("step") in indices:
+            rows.append(row)
+            by_key[(row["step"], row["probe_set"], row["probe_id"])] = (row, f"{predictions}:{line_no}")
+    outputs = []
+    for step in done:
+        for probe_set in step.probe_sets:
+            found = [by_key.get((step.index, probe_set.name, p.query.id)) for p in probe_set.probes]
+            if any(f is None for f in found):
+                raise ResumeError(f"{predictions} lacks predictions of step {step.index}, probe set {probe_set.name!r}")
+            outputs.append((step, probe_set, [output_of(row, where) for row, where in found]))
+    return FinishedSteps(checkpoint, entries, rows, outputs)
+
+
+def score_again(task: Task, finished: FinishedSteps) -> dict[int, list[ProbeResult]]:
+    """The task's scores of the finished steps' outputs, per step index, in the order they were first
+    made: a task that keeps state between steps (e.g. a pre-edit reference) ends up as it was."""
+    by_step: dict[int, list[ProbeResult]] = {}
+    for step, probe_set, outputs in finished.outputs:
+        by_step.setdefault(step.index, []).extend(score_probe_set(task, step.index, probe_set, outputs))
+    return by_step
