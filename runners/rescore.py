@@ -172,6 +172,8 @@ def rescore(path: str | Path, overrides: Sequence[str] = (), out: str | Path | N
     record = original | final | {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "run_id": run_identity(cfg),
+        # rescorings of one setting's seeds with the same overrides form a setting of their own
+        "group_id": stable_hash([original.get("group_id", ""), overrides]) if overrides else original.get("group_id", ""),
         "steps": steps,
         "rescore": {
             "source_record": str(record_path.resolve()),

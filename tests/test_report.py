@@ -167,3 +167,21 @@ def test_cli_writes_the_table_and_plots_and_fails_clearly_on_an_empty_folder(swe
     (tmp_path / "empty").mkdir()
     result = run(tmp_path / "empty")
     assert result.returncode == 2 and "no record.json found" in result.stderr
+
+
+def test_real_runs_average_over_seeds_and_a_rescoring_is_a_setting_of_its_own(tmp_path):
+    """Two seeds of a real (tiny) run share a row, whatever the seed reached through interpolation
+    (method.seed: ${seed}); rescoring both with the same override makes a second row, not a third seed."""
+    from runners.experiment import Experiment
+    from runners.rescore import rescore
+    from tests.conftest import compose_config
+
+    overrides = ["model=tiny", "logger=none", "task=sequential", "task.n_sequences=1", "task.length=2",
+                 "task.source.n_contexts=2", "method=ft_context", "method.epochs=1"]
+    for seed in (0, 1):
+        Experiment(compose_config(*overrides, f"seed={seed}"), tmp_path / f"s{seed}",
+                   names={"method": "ft_context", "task": "sequential", "model": "tiny"}).run()
+        rescore(tmp_path / f"s{seed}", ["task.metric=exact_match"])
+    table = report.summarize(report.runs_frame(report.load_runs([tmp_path]).records))
+    assert list(table["n"]) == [2, 2]
+    assert sorted(table["variant"]) == ["task.metric=exact_match", "task.metric=qa_f1"]
