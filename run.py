@@ -4,7 +4,6 @@ A run whose config (run_id) already has a `done` record under `resume.search_dir
 folder gets a `record.json` link to that record (`force=true` runs it again). An unfinished earlier
 attempt (killed, failed) is continued after its last checkpointed step. See docs/sweeps.md.
 """
-import warnings
 from pathlib import Path
 
 import hydra
@@ -14,11 +13,6 @@ from omegaconf import DictConfig, open_dict
 
 from runners import resume
 from runners.experiment import Experiment, results_table, run_identity
-
-# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml hold kbench's settings for the launcher
-# plugins under the plugins' own names, so `hydra/launcher=joblib` picks them; Hydra still checks them
-# against the plugins' schemas and warns that this matching is deprecated. It is intended here.
-warnings.filterwarnings("ignore", message=r".*is validated against ConfigStore schema with the same name")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,13 @@ from runners.results import (  # noqa: F401 (BOOKKEEPING_KEYS, run_identity: re-
 from tasks.base import ProbeResult, Task
 
 log = logging.getLogger(__name__)
+
+# conf/hydra/launcher/{joblib,submitit_local,submitit_slurm}.yaml hold kbench's settings for the launcher
+# plugins under the plugins' own names, so `hydra/launcher=joblib` picks them; Hydra still checks them
+# against the plugins' schemas and warns, in every job, that this matching is deprecated. It is meant.
+# The filter lives here because launcher workers import this module (unpickling run.py's main) before
+# Hydra composes the job's config, so it covers them as well as run.py's own process.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 
 
 def probe(method: Method, probe_set: ProbeSet) -> list[Answer] | list[TargetScore]:
