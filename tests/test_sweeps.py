@@ -76,7 +76,8 @@ def test_a_killed_joblib_sweep_reruns_exactly_the_missing_runs(tmp_path):
     assert not runs.unreadable
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local"])
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow),
+                                      pytest.param("submitit_local", marks=pytest.mark.slow)])
 def test_a_failed_job_does_not_lose_the_others_and_the_report_says_why(tmp_path, launcher):
     result = run_cli("-m", f"hydra/launcher={launcher}", *TINY, "method=base", "task.limit=1", "task.n_contexts=2,abc",
                      f"hydra.sweep.dir={tmp_path}")
