@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
+from core.records import git_commit
 from runners import resume
 from runners.experiment import Experiment, results_table, run_identity
 
@@ -29,8 +30,10 @@ def main(cfg: DictConfig) -> None:
     done = next((a for a in attempts if a.done), None)
     if done is not None and not cfg.force:
         resume.link_record(done, output_dir)
+        made_by, now = done.record.get("git_commit"), git_commit()
+        stale = f"; it was computed by commit {made_by}, this is {now}" if made_by != now else ""
         print(f"skipped: run {run_id} ({names['method']} / {names['task']} / seed {cfg.seed}) is already done in "
-              f"{done.directory} (force=true runs it again)")
+              f"{done.directory}{stale} (force=true runs it again)")
         return
     resume_from = None
     unfinished = [a.directory for a in attempts if not a.done]
