@@ -257,7 +257,7 @@ def test_inspired_runs_end_to_end_on_the_tiny_model(tmp_path, shared_dir):
 
 
 def test_task_configs_compose_and_build(shared_dir):
-    for name, n_turns in [("inspired", 16), ("redial", 16), ("inspired_full", 228)]:
+    for name, n_turns in [("inspired", 16), ("redial", 16), ("inspired_full", 228), ("redial_full", 1769)]:
         cfg = compose_config(f"task={name}", f"task.dataset_dir={shared_dir / 'data' / name.split('_')[0]}",
                              *([f"task.knowledge_path={shared_dir / 'data/redial/test.jsonl'}"] if "full" in name else []))
         task = build(cfg.task, "task")
@@ -341,3 +341,23 @@ def test_rescoring_reproduces_the_reference_summaries(model, shared_dir, tmp_pat
                 assert abs(entry["mean"] - expected) <= 1 / n + 1e-12, (model, csv.name, condition, name)
                 assert entry["se"] == pytest.approx(reference.loc[condition, f"{name}_se"], abs=2 / n)
     capsys.readouterr()
+
+
+def test_a_run_rescores_through_the_generic_rescorer(tmp_path, shared_dir):
+    """`python -m runners.rescore RUN task.KEY=VALUE` rebuilds the task and rescores its predictions:
+    unchanged settings give the same numbers; scoring knobs give new ones with their own protocol."""
+    from runners.rescore import rescore
+
+    run_dir = tmp_path / "run"
+    record = run_in_process(run_dir, "model=tiny", "method=base", "task=inspired", "task.limit=4",
+                            f"task.dataset_dir={shared_dir / 'data/inspired'}", "task.max_new_tokens=6", "logger=none")
+    assert record["status"] == "done", record["error"]
+    same, _ = rescore(run_dir, out=tmp_path / "same")
+    assert same["metrics"] == pytest.approx(record["metrics"]) and same["task_report"] == record["task_report"]
+    changed, out = rescore(run_dir, ["task.parser=robust", "task.filter_oov=true", "task.exclude_seen=true"],
+                           out=tmp_path / "robust")
+    protocol = changed["metric_protocols"]["recall@5"]
+    assert "parser=robust" in protocol and "oov-filter=<=2 edits" in protocol and "exclude-seen=yes" in protocol
+    assert changed["task_report"]["protocol"]["parser"] == "robust" and (out / "crs_ranked.jsonl").is_file()
+    # the four reference settings do not depend on the configured one
+    assert changed["task_report"]["settings"].keys() == record["task_report"]["settings"].keys()
