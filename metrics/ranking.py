@@ -71,6 +71,7 @@ def extract_titles_he2023(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- robust parser
+_INLINE_FIRST_ITEM = re.compile(r"(?<![\w.])(1[.)]\s)")  # "... [/INST] 1. Title": a list starting mid-line
 _MARKED_LINE = re.compile(r"^\s*(?:\d{1,3}\s*[.)、:]|[-*•·]|#{1,6})\s*")
 _MARKUP = re.compile(r"<[^>]*>|\*\*|__|[*`]")
 _BRACKETS = re.compile(r"\[[^\[\]]*\]")
@@ -95,14 +96,15 @@ def _clean_robust(item: str) -> str:
 def extract_titles_robust(text: str) -> list[str]:
     """List items of messy generations.
 
-    If any line starts with a list marker (a number with ".", ")" or ":", a bullet "-", "*", "•", or a
-    markdown heading), only those lines are items: preambles and trailing prose are dropped. Otherwise
+    A first item "1." after other text on its line (an echoed prompt, "Sure! 1. Heat") starts a new
+    line. If any line starts with a list marker (a number with ".", ")" or ":", a bullet "-", "*", "•",
+    or a markdown heading), only those lines are items: preambles and trailing prose are dropped. Otherwise
     every line, split at commas, is an item (the reference's fallback). Each item loses markup (HTML
     tags, ** and *, backticks), bracketed and parenthesised text, a description after " - " longer
     than four words, a year before ":"/"-" or after ","/"-", surrounding quotes and end punctuation.
     Empty items are dropped.
     """
-    lines = text.split("\n")
+    lines = _INLINE_FIRST_ITEM.sub(r"\n\1", text, count=1).split("\n")
     marked = [line for line in lines if _MARKED_LINE.match(line)]
     if marked:
         items = [_MARKED_LINE.sub("", line, count=1) for line in marked]

@@ -39,6 +39,8 @@ def test_he2023_keeps_its_quirks_years_without_parentheses_quotes_and_descriptio
      ["Die Hard", "Star Wars - The Rise of Skywalker"]),
     ("1. Heat.\n2. \n3. Alien [HD]\n\nThese movies offer thrills.", ["Heat", "Alien"]),
     ("Heat, Alien (1979)\nUp", ["Heat", "Alien", "Up"]),
+    ("User: hi\nSystem:  [/INST] 1. Heat (1995)\n2. Alien", ["Heat", "Alien"]),  # an echoed prompt, list mid-line
+    ("movies from 2021. 1) Heat\n2) Up\n10. Jaws\n11. Coco", ["Heat", "Up", "Jaws", "Coco"]),
 ])
 def test_robust_parser_on_messy_generations(text, expected):
     assert ranking.extract_titles(text, "robust") == expected
