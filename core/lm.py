@@ -5,6 +5,10 @@ Token sequences are always built by concatenating separately tokenised pieces
 positions of a target are known exactly and are the same in training, scoring and generation.
 Training and scoring batches are right-padded and apply the output head only at target positions
 (Gemma's head is 262k wide); generation batches are left-padded.
+
+Continuous prompts (RECIPE-style methods): a `[k, hidden]` tensor of vectors can be spliced into a
+sequence right after its start (BOS) token and fed through `inputs_embeds`; the `*_with_vectors`
+functions train, score and generate that way. A row with k = 0 is the plain token sequence.
 """
 from __future__ import annotations
 
@@ -35,6 +39,21 @@ class TokenBatch:
     def target_ids(self) -> torch.Tensor:
         """The predicted target tokens, flattened in row-major order (aligned with `LM.target_logits`)."""
         return self.input_ids[:, 1:][self.predicted_mask]
+
+
+@dataclass
+class VectorBatch:
+    """Right-padded input embeddings of (prefix + vectors + target) rows; `target_mask` marks target
+    positions and `target_ids` are the predicted target tokens, flattened row-major."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    target_mask: torch.Tensor
+    target_ids: torch.Tensor
+
+    @property
+    def predicted_mask(self) -> torch.Tensor:
+        return self.target_mask[:, 1:]
 
 
 class LM:
@@ -134,10 +153,13 @@ class LM:
         The head runs only on the positions that predict a target token, so memory scales with the
         number of target tokens rather than batch × length × vocab.
         """
+        hidden = self.causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self._head(hidden, batch.predicted_mask)
+
+    def _head(self, hidden: torch.Tensor, predicted_mask: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of the output head at the positions that predict a target (t predicts t + 1)."""
         causal = self.causal_lm
-        hidden = causal.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        # position t predicts token t + 1
-        logits = causal.get_output_embeddings()(hidden[:, :-1][batch.predicted_mask]).float()
+        logits = causal.get_output_embeddings()(hidden[:, :-1][predicted_mask]).float()
         softcap = getattr(causal.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -159,18 +181,21 @@ class LM:
             results += target_scores(self.target_logits(batch), batch.target_ids, batch.predicted_mask.sum(1).tolist())
         return results
 
-    @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], spec: GenerationSpec) -> list[str]:
-        """Greedy continuations of tokenised prompts, cut at the first stop string and stripped."""
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
-        outputs: dict[int, str] = {}
-        config = GenerationConfig(
+    def _greedy_config(self, spec: GenerationSpec) -> GenerationConfig:
+        return GenerationConfig(
             max_new_tokens=spec.max_new_tokens,
             do_sample=False,
             pad_token_id=self.pad_id,
             eos_token_id=self.tokenizer.eos_token_id,
             stop_strings=list(spec.stop) or None,
         )
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], spec: GenerationSpec) -> list[str]:
+        """Greedy continuations of tokenised prompts, cut at the first stop string and stripped."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
+        outputs: dict[int, str] = {}
+        config = self._greedy_config(spec)
         for chunk in self.batches(order, desc="generate"):
             seqs = [list(prompts[i])[-self.max_length :] for i in chunk]
             width = max(map(len, seqs))
@@ -216,6 +241,105 @@ class LM:
         input_ids = torch.tensor([list(prompt)[-self.max_length :]], device=self.device)
         generated = self.model.generate(input_ids=input_ids, generation_config=config, tokenizer=self.tokenizer)
         return [cut_at_stop(self.decode(row[input_ids.shape[1] :].tolist()), spec.stop) for row in generated]
+
+    # ------------------------------------------------------------------ continuous prompts (inputs_embeds)
+    @property
+    def hidden_size(self) -> int:
+        return self.causal_lm.get_input_embeddings().embedding_dim
+
+    def embed(self, ids: Sequence[int]) -> torch.Tensor:
+        """Input embeddings `[len(ids), hidden]` exactly as the model computes them (Gemma's scale included)."""
+        return self.causal_lm.get_input_embeddings()(torch.tensor(list(ids), dtype=torch.long, device=self.device))
+
+    def vector_slot(self, ids: Sequence[int]) -> int:
+        """Where vectors go in `ids`: after a leading start token, which stays first (Gemma needs BOS at 0)."""
+        bos = self.tokenizer.bos_token_id
+        return 1 if bos is not None and len(ids) > 0 and ids[0] == bos else 0
+
+    def _splice(self, ids: Sequence[int], vectors: torch.Tensor, keep_last: int) -> torch.Tensor:
+        """Embeddings of `ids` with `vectors` inserted at the slot; too long rows lose their oldest
+        tokens after the slot (never the start token, the vectors or the last `keep_last` tokens)."""
+        if vectors.dim() != 2 or vectors.shape[1] != self.hidden_size:
+            raise ValueError(f"vectors must be [k, {self.hidden_size}], got {tuple(vectors.shape)}")
+        slot = self.vector_slot(ids)
+        head, tail = list(ids[:slot]), list(ids[slot:])
+        overflow = len(head) + len(vectors) + len(tail) - self.max_length
+        if overflow > 0:
+            if overflow > len(tail) - keep_last:
+                raise ValueError(f"a row of {len(ids)} tokens + {len(vectors)} vectors exceeds max_length={self.max_length}")
+            tail = tail[overflow:]
+        embeds = self.embed(head + tail)
+        vectors = vectors.to(device=embeds.device, dtype=embeds.dtype)
+        return torch.cat([embeds[:slot], vectors, embeds[slot:]], dim=0)
+
+    def collate_with_vectors(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], vectors: Sequence[torch.Tensor]
+    ) -> VectorBatch:
+        """Right-padded (prefix + target) rows with `vectors[i]` (`[k_i, hidden]`, k_i may be 0) spliced
+        into row i after its start token; gradients flow into the vectors."""
+        if len(pairs) != len(vectors):
+            raise ValueError(f"{len(pairs)} rows but {len(vectors)} vector tensors")
+        rows, n_targets = [], []
+        for (prefix, target), vecs in zip(pairs, vectors):
+            if not target:
+                raise ValueError("empty target sequence")
+            rows.append(self._splice(list(prefix) + list(target), vecs, keep_last=len(target)))
+            n_targets.append(len(target))
+        width, hidden = max(len(r) for r in rows), rows[0].shape[1]
+        embeds = rows[0].new_zeros((len(rows), width, hidden))
+        attention = torch.zeros((len(rows), width), dtype=torch.long, device=self.device)
+        target = torch.zeros((len(rows), width), dtype=torch.bool, device=self.device)
+        target_ids = []
+        for i, ((_, ids), row, n) in enumerate(zip(pairs, rows, n_targets)):
+            embeds[i, : len(row)] = row
+            attention[i, : len(row)] = 1
+            target[i, len(row) - n : len(row)] = True
+            target_ids += list(ids)[1:] if len(row) == n else list(ids)  # a row-initial token is not predicted
+        return VectorBatch(embeds, attention, target, torch.tensor(target_ids, dtype=torch.long, device=self.device))
+
+    def target_logits_with_vectors(self, batch: VectorBatch) -> torch.Tensor:
+        """Like `target_logits`, for a `VectorBatch` (differentiable in the spliced vectors)."""
+        decoder = self.causal_lm.get_decoder()
+        hidden = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        return self._head(hidden, batch.predicted_mask)
+
+    @torch.inference_mode()
+    def score_with_vectors(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], vectors: Sequence[torch.Tensor]
+    ) -> list[TargetScore]:
+        """`score` with `vectors[i]` spliced into row i after its start token."""
+        results: list[TargetScore] = []
+        rows = list(zip(pairs, vectors))
+        for chunk in self.batches(rows, desc="score"):
+            batch = self.collate_with_vectors([p for p, _ in chunk], [v for _, v in chunk])
+            logits = self.target_logits_with_vectors(batch)
+            results += target_scores(logits, batch.target_ids, batch.predicted_mask.sum(1).tolist())
+        return results
+
+    @torch.inference_mode()
+    def generate_with_vectors(
+        self, prompts: Sequence[Sequence[int]], vectors: Sequence[torch.Tensor], spec: GenerationSpec
+    ) -> list[str]:
+        """`generate` with `vectors[i]` spliced into prompt i after its start token (left-padded batches)."""
+        if len(prompts) != len(vectors):
+            raise ValueError(f"{len(prompts)} prompts but {len(vectors)} vector tensors")
+        rows = [self._splice(p, v, keep_last=1) for p, v in zip(prompts, vectors)]
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
+        outputs: dict[int, str] = {}
+        config = self._greedy_config(spec)
+        for chunk in self.batches(order, desc="generate"):
+            width = max(len(rows[i]) for i in chunk)
+            embeds = rows[chunk[0]].new_zeros((len(chunk), width, rows[chunk[0]].shape[1]))
+            attention = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
+            for r, index in enumerate(chunk):  # left padding, as in `generate`
+                embeds[r, width - len(rows[index]) :] = rows[index]
+                attention[r, width - len(rows[index]) :] = 1
+            generated = self.model.generate(
+                inputs_embeds=embeds, attention_mask=attention, generation_config=config, tokenizer=self.tokenizer
+            )  # with inputs_embeds only, generate returns the new tokens alone
+            for r, index in enumerate(chunk):
+                outputs[index] = cut_at_stop(self.decode(generated[r].tolist()), spec.stop)
+        return [outputs[i] for i in range(len(rows))]
 
 
 def target_scores(logits: torch.Tensor, target_ids: torch.Tensor, lengths: Sequence[int]) -> list[TargetScore]:
