@@ -5,16 +5,20 @@ river) stating `facts_per_context` facts. Every fact has question paraphrases sp
 pools: *training* phrasings (the task's own target sentences for FT(S) / SELF-PARAM) and *test*
 phrasings (the held-out questions). Names are built from random syllables, so no model can know them;
 a model reading the paragraph can. `python -m tasks.synthetic --out FILE` writes the data in the PwC
-format (`input`, `prompt`, `answer` per line).
+format (`input`, `prompt`, `answer` per line). `probes` adds side-effect probe families (near-miss
+questions, drift; `tasks/probes.py`, docs/side_effects.md); the default `[qa]` asks the questions alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from core.types import Knowledge
+from core.types import Answer, Knowledge, ProbeSet, Step, TargetScore
+from tasks.base import ProbeResult
 from tasks.context_qa import ContextQATask, QAItem
 
 ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kl", "l", "m", "n", "p", "qu", "r", "s", "st", "t", "th", "v", "z"]
@@ -218,6 +222,11 @@ class SyntheticTask(ContextQATask):
         train_questions_per_fact: int = 3,
         data_seed: int = 0,
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
+        n_train_contexts: int = 0,
+        train_data_seed: int = 1,
+        probes: list[str] | None = None,
+        drift_text: str | None = None,
+        drift_questions: str | None = None,
         **common,
     ) -> None:
         super().__init__(**common)
@@ -229,11 +238,96 @@ class SyntheticTask(ContextQATask):
         self.n_contexts, self.facts_per_context = n_contexts, facts_per_context
         self.train_questions_per_fact, self.data_seed = train_questions_per_fact, data_seed
         self.sentence_template = sentence_template
+        if n_train_contexts < 0:
+            raise ValueError("task.n_train_contexts must be >= 0")
+        if n_train_contexts and train_data_seed == data_seed:
+            raise ValueError("task.train_data_seed must differ from task.data_seed (the training split must be held out)")
+        self.n_train_contexts, self.train_data_seed = n_train_contexts, train_data_seed
+        from tasks.probes import SideEffectProbes  # tasks.probes builds on this module's generator
+
+        self.side_effects = SideEffectProbes(
+            probes or ["qa"], prompt_template=self.prompt_template, generation=self.generation, seed=data_seed,
+            drift_text=drift_text, drift_questions=drift_questions,
+        )
 
     def load_items(self) -> list[QAItem]:
         return generate_items(
             self.n_contexts, self.facts_per_context, self.train_questions_per_fact, self.data_seed, self.sentence_template
         )
+
+    # ------------------------------------------------------------------ side-effect probes (task.probes)
+    def steps(self) -> list[Step]:
+        return self.side_effects.extend_steps(super().steps(), self.items)
+
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+        if self.side_effects.owns(probe_set):
+            return self.side_effects.score(probe_set, outputs)
+        return super().score(probe_set, outputs)
+
+    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        own, side = self.side_effects.split(results)
+        return super().step_metrics(own) | self.side_effects.step_metrics(own, side)
+
+    def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        own, side = self.side_effects.split(results)
+        return super().summarize(own) | self.side_effects.summarize(own, side)
+
+    def metric_protocols(self) -> dict[str, str]:
+        return super().metric_protocols() | self.side_effects.protocols()
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | ({"side_effects": self.side_effects.describe()} if self.side_effects.any else {})
+
+    def training_knowledge(self) -> list[Knowledge]:
+        """A held-out split for methods that train before any injection (e.g. RECIPE): `n_train_contexts`
+        contexts generated with `train_data_seed` (never an evaluated subject), one `Knowledge` per fact,
+        in the editing task's contract (tasks/editing.py). `context` is the whole paragraph, as this task
+        injects it; `meta` asks the fact with its first training phrasing (`prompt`, `target`), lists its
+        other training phrasings (`rephrase_prompts`) and, for locality, a question about a further
+        generated context that is neither evaluated nor trained on. Test phrasings never occur."""
+        n = self.n_train_contexts
+        if not n:
+            return []
+        taken = {fact["subject"] for item in self.items for fact in item.knowledge.meta["facts"]}
+        facts = max(len(relations) for _, relations in KINDS.values())
+        pool = [item for item in generate_items(2 * n + len(taken), facts, 0, self.train_data_seed, "")
+                if item.knowledge.meta["facts"][0]["subject"] not in taken]
+        if len(pool) < 2 * n:
+            raise ValueError(f"task.n_train_contexts={n}: could not generate enough held-out contexts")
+        relations = {kind: {r.name: r for r in rels} for kind, (_, rels) in KINDS.items()}
+        ask = lambda question, subject: self.prompt_template.format(question=question.format(s=subject))  # noqa: E731
+        spare: dict[str, list[QAItem]] = {}  # locality subjects: unused contexts, by kind (same-relation questions)
+        for item in pool[n:]:
+            spare.setdefault(item.knowledge.meta["kind"], []).append(item)
+        knowledge = []
+        for index, item in enumerate(pool[:n]):
+            # the paragraph states `facts_per_context` facts, like the evaluated ones
+            kind = item.knowledge.meta["kind"]
+            same_kind = spare.get(kind) or pool[n:]
+            neighbour = same_kind[index % len(same_kind)]
+            stated = item.knowledge.meta["facts"][: self.facts_per_context]
+            context = " ".join([KINDS[kind][0].format(s=stated[0]["subject"])] + [
+                relations[kind][f["relation"]].statement.format(s=f["subject"], v=f["value"]) for f in stated])
+            others = neighbour.knowledge.meta["facts"]
+            for fact in stated:
+                relation = relations[kind][fact["relation"]]
+                other = next((f for f in others if f["relation"] == fact["relation"]), others[0])
+                other_question = relations[neighbour.knowledge.meta["kind"]][other["relation"]].train_questions[0]
+                knowledge.append(Knowledge(
+                    id=f"syn-train{self.train_data_seed}-{index}/{fact['relation']}",
+                    context=context,
+                    meta={
+                        "prompt": ask(relation.train_questions[0], fact["subject"]),
+                        "target": " " + fact["value"],
+                        "target_new": fact["value"],
+                        "rephrase_prompts": [ask(q, fact["subject"]) for q in relation.train_questions[1:]],
+                        "locality_prompts": [ask(other_question, other["subject"])],
+                        "locality_answers": [other["value"]],
+                        "subject": fact["subject"],
+                        "ground_truth": None,
+                    },
+                ))
+        return knowledge
 
 
 def main() -> None:
