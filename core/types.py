@@ -111,10 +111,12 @@ class TargetScore:
 
     `predicted_ids` are the argmax tokens at the target positions (what the model would predict under
     teacher forcing); editing locality compares them before and after an edit. Methods that compute
-    their own logits should fill them (`core.lm.target_scores` does).
+    their own logits should fill them (`core.lm.target_scores` does). `meta` is what the method wants
+    a reader of the predictions to see (e.g. what it retrieved), as in `Answer.meta`; it is not compared.
     """
 
     logprob: float
     n_tokens: int
     token_accuracy: float
     predicted_ids: tuple[int, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)

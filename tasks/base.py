@@ -47,6 +47,8 @@ class ProbeResult:
             # every field of the TargetScore, so `runners.rescore` can rebuild it without the model
             row["target_token_accuracy"] = self.output.token_accuracy
             row["target_predicted_ids"] = list(self.output.predicted_ids)
+            if self.output.meta:
+                row["method_meta"] = self.output.meta
         if self.probe.meta:
             row["probe_meta"] = self.probe.meta
         return row | self.extra
