@@ -76,12 +76,14 @@ class ProbeSet:
     """Probes asked together after an injection step, scored the same way.
 
     `output_type` is the explicit choice between generating an answer and scoring a target
-    continuation by log-likelihood (teacher forcing); `scorer` is the task's name for its metric family.
+    continuation by log-likelihood (teacher forcing); `loglikelihood_bare` scores it through the model
+    as served without the method's prompt augmentation (`Method.score_bare`: no retrieved passages, no
+    gold context). `scorer` is the task's name for its metric family.
     """
 
     name: str
     probes: list[Probe]
-    output_type: Literal["generate", "loglikelihood"] = "generate"
+    output_type: Literal["generate", "loglikelihood", "loglikelihood_bare"] = "generate"
     generation: GenerationSpec = field(default_factory=GenerationSpec)
     scorer: str = "qa"
 

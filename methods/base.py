@@ -5,6 +5,14 @@ teacher-forced log-likelihood of a target), can be `reset` to the untouched mode
 storage it needs beside the base model. Built by Hydra from `conf/method/<name>.yaml` with the
 shared `LM` passed in at run time.
 
+`score_bare` scores a target through the model *as served* (the weights with whatever adapters or
+edits injection put into them) but without the method's prompt augmentation: no retrieved passages,
+no gold context, no continuous prompt. Probe sets with `output_type="loglikelihood_bare"` use it (the
+drift probes of docs/side_effects.md: perplexity of generic text), so a method that leaves the weights
+alone scores exactly like the untouched model there. The default is the bare LM, which is right for
+every method whose knowledge lives in the weights or outside the model; override it only if the model
+a user is served differs from `self.lm` for plain text (say so in the method's docstring).
+
 Optional, for resumable runs: `save_state(directory)` / `load_state(directory)` write and restore what
 injection changed, so a run killed after step k continues at step k+1 (docs/sweeps.md). A method that
 does not implement them still works; a killed run of it restarts from its first step.
@@ -45,6 +53,15 @@ class Method:
     def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         """Log-probability and token accuracy of each target continuation (e.g. " Paris") of its query."""
         return self.lm.score([(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)])
+
+    def score_bare(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+        """Like `score`, through the model as served but without the method's prompt augmentation (module
+        docstring): start tokens + `query.prompt` + target, or start tokens + target for an empty prompt
+        (plain text, also for chat models). `Query.context` is ignored."""
+        return self.lm.score([
+            (self.lm.prompt_ids(q.prompt) if q.prompt else list(self.lm.start_ids), self.lm.encode(t))
+            for q, t in zip(queries, targets)
+        ])
 
     def reset(self) -> None:
         """Forget everything injected so far. Default: nothing to forget."""

@@ -45,7 +45,10 @@ def probe(method: Method, probe_set: ProbeSet) -> list[Answer] | list[TargetScor
         return method.answer(queries, probe_set.generation)
     if any(not p.answers for p in probe_set.probes):
         raise ValueError(f"probe set {probe_set.name!r}: log-likelihood probes need a target in `answers`")
-    return method.score(queries, [p.answers[0] for p in probe_set.probes])
+    targets = [p.answers[0] for p in probe_set.probes]
+    if probe_set.output_type == "loglikelihood_bare":
+        return method.score_bare(queries, targets)
+    return method.score(queries, targets)
 
 
 class Experiment:
