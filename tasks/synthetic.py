@@ -5,16 +5,20 @@ river) stating `facts_per_context` facts. Every fact has question paraphrases sp
 pools: *training* phrasings (the task's own target sentences for FT(S) / SELF-PARAM) and *test*
 phrasings (the held-out questions). Names are built from random syllables, so no model can know them;
 a model reading the paragraph can. `python -m tasks.synthetic --out FILE` writes the data in the PwC
-format (`input`, `prompt`, `answer` per line).
+format (`input`, `prompt`, `answer` per line). `probes` adds side-effect probe families (near-miss
+questions, drift; `tasks/probes.py`, docs/side_effects.md); the default `[qa]` asks the questions alone.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from core.types import Knowledge
+from core.types import Answer, Knowledge, ProbeSet, Step, TargetScore
+from tasks.base import ProbeResult
 from tasks.context_qa import ContextQATask, QAItem
 
 ONSETS = ["b", "br", "d", "dr", "f", "g", "gr", "k", "kl", "l", "m", "n", "p", "qu", "r", "s", "st", "t", "th", "v", "z"]
@@ -220,6 +224,9 @@ class SyntheticTask(ContextQATask):
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
         n_train_contexts: int = 0,
         train_data_seed: int = 1,
+        probes: list[str] | None = None,
+        drift_text: str | None = None,
+        drift_questions: str | None = None,
         **common,
     ) -> None:
         super().__init__(**common)
@@ -236,11 +243,40 @@ class SyntheticTask(ContextQATask):
         if n_train_contexts and train_data_seed == data_seed:
             raise ValueError("task.train_data_seed must differ from task.data_seed (the training split must be held out)")
         self.n_train_contexts, self.train_data_seed = n_train_contexts, train_data_seed
+        from tasks.probes import SideEffectProbes  # tasks.probes builds on this module's generator
+
+        self.side_effects = SideEffectProbes(
+            probes or ["qa"], prompt_template=self.prompt_template, generation=self.generation, seed=data_seed,
+            drift_text=drift_text, drift_questions=drift_questions,
+        )
 
     def load_items(self) -> list[QAItem]:
         return generate_items(
             self.n_contexts, self.facts_per_context, self.train_questions_per_fact, self.data_seed, self.sentence_template
         )
+
+    # ------------------------------------------------------------------ side-effect probes (task.probes)
+    def steps(self) -> list[Step]:
+        return self.side_effects.extend_steps(super().steps(), self.items)
+
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+        if self.side_effects.owns(probe_set):
+            return self.side_effects.score(probe_set, outputs)
+        return super().score(probe_set, outputs)
+
+    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        own, side = self.side_effects.split(results)
+        return super().step_metrics(own) | self.side_effects.step_metrics(own, side)
+
+    def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        own, side = self.side_effects.split(results)
+        return super().summarize(own) | self.side_effects.summarize(own, side)
+
+    def metric_protocols(self) -> dict[str, str]:
+        return super().metric_protocols() | self.side_effects.protocols()
+
+    def describe(self) -> dict[str, Any]:
+        return super().describe() | ({"side_effects": self.side_effects.describe()} if self.side_effects.any else {})
 
     def training_knowledge(self) -> list[Knowledge]:
         """A held-out split for methods that train before any injection (e.g. RECIPE): `n_train_contexts`
