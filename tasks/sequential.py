@@ -23,6 +23,13 @@ Summary metrics (flat, each the mean over sequences; definitions in `metrics/ret
 Per step, `step_metrics` gives that step's column of R (`{m}_ctx{i}`) for W&B. `report` stores R per
 sequence and its mean in the record (`task_report.retention`) and draws them into `retention.png`.
 Steps depend only on the config, so the same config always gives the same steps and probes.
+
+Side-effect probes (`probes`, tasks/probes.py, docs/side_effects.md): `near_miss` and `drift` as in
+task=synthetic (after each injection); `conflict` makes the last `conflict_updates` contexts of every
+sequence updates of its first ones (every fact re-stated with a new value), so each sequence takes
+`length - conflict_updates` contexts from the source; the updates' questions asked after the update is
+injected give `conflict/update_acc`, `stale_rate`, `mixed_rate`. R keeps its meaning per row: an
+original's row asks for the old values, its update's row for the new ones.
 """
 from __future__ import annotations
 
@@ -35,10 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from core.types import DataError, Knowledge, Probe, ProbeSet, Step
+from core.types import Answer, DataError, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa, retention
 from tasks.base import ProbeResult, Task
 from tasks.context_qa import ContextQATask, QAItem
+from tasks.probes import SideEffectProbes
 
 PLOT_FILE = "retention.png"
 PROBE_SET = "retention"
@@ -56,6 +64,10 @@ class SequentialTask(Task):
         length: int = 5,
         probe_unseen: bool = True,
         metric: str = "qa_f1",
+        probes: list[str] | None = None,
+        drift_text: str | None = None,
+        drift_questions: str | None = None,
+        conflict_updates: int = 2,
     ) -> None:
         if not isinstance(source, ContextQATask):
             raise ValueError(
@@ -71,19 +83,33 @@ class SequentialTask(Task):
         # the floor summary needs the not-yet-injected cells, which only `probe_unseen` fills
         self.summary_keys = [key for key in retention.PROTOCOLS if key != "unseen" or probe_unseen]
         self._steps: list[Step] | None = None
+        self.side_effects = SideEffectProbes(
+            probes or ["qa"], prompt_template=source.prompt_template, generation=source.generation,
+            seed=getattr(source, "data_seed", 0), drift_text=drift_text, drift_questions=drift_questions,
+            conflict_allowed=True,
+        )
+        self.n_updates = conflict_updates if self.side_effects.on("conflict") else 0
+        if self.side_effects.on("conflict") and not 1 <= conflict_updates <= length // 2:
+            raise ValueError(f"task.conflict_updates must be in [1, length // 2 = {length // 2}] (each update needs "
+                             f"an earlier context of its sequence), got {conflict_updates}")
 
     # ------------------------------------------------------------------ data and steps
     def sequences(self) -> list[list[QAItem]]:
         """The contexts of each sequence, in injection order."""
-        items, needed = self.source.items, self.n_sequences * self.length
+        per_sequence = self.length - self.n_updates  # updates (conflict probes) are generated, not taken
+        items, needed = self.source.items, self.n_sequences * per_sequence
         if len(items) < needed:
+            length = "(length - conflict_updates)" if self.n_updates else "length"
             raise DataError(
-                f"task=sequential needs n_sequences x length = {self.n_sequences} x {self.length} = {needed} contexts, "
+                f"task=sequential needs n_sequences x {length} = {self.n_sequences} x {per_sequence} = {needed} contexts, "
                 f"but its source ({self.source.name}) has {len(items)}. Give the source more contexts "
                 f"(e.g. task.source.n_contexts={needed} for synthetic, a larger task.source.path for pwc) "
                 f"or lower task.n_sequences / task.length."
             )
-        return [items[s * self.length : (s + 1) * self.length] for s in range(self.n_sequences)]
+        sequences = [items[s * per_sequence : (s + 1) * per_sequence] for s in range(self.n_sequences)]
+        if self.n_updates:
+            sequences = [seq + self.side_effects.updates_of(seq[: self.n_updates], self.source) for seq in sequences]
+        return sequences
 
     def _probes(self, sequence: list[QAItem], index: int, injections: int) -> list[Probe]:
         """Every probe of the sequence's contexts to ask after `injections` injections, tagged with
@@ -112,15 +138,25 @@ class SequentialTask(Task):
                         reset_before=injections == first,  # a fresh method per sequence, never within one
                         label=f"s{index}/" + (knowledge[0].id if knowledge else "before"),
                     ))
-            self._steps = steps
+            self._steps = self.side_effects.extend_steps(steps, [item for s in self.sequences() for item in s])
         return self._steps
 
     def training_knowledge(self) -> list[Knowledge]:
         return self.source.training_knowledge()
 
     # ------------------------------------------------------------------ scoring
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+        if self.side_effects.owns(probe_set):
+            return self.side_effects.score(probe_set, outputs)
+        rows = super().score(probe_set, outputs)
+        if not self.n_updates:
+            return rows
+        return [row | (self.side_effects.conflict_scores(probe, out) if probe.meta["injections"] > probe.meta["position"]
+                       else {}) for row, probe, out in zip(rows, probe_set.probes, outputs)]
+
     def _matrices(self, results: Sequence[ProbeResult]) -> dict[int, np.ndarray]:
         """R of every sequence that has results, keyed by sequence index."""
+        results = self.side_effects.split(results)[0]
         cells: dict[int, list[tuple[int, int, float]]] = defaultdict(list)
         for result in results:
             meta = result.probe.meta
@@ -131,9 +167,12 @@ class SequentialTask(Task):
 
     def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         """This step's column of R (`{m}_ctx{i}`), the mean over injected and not-yet-injected contexts,
-        and where the step is (`sequence`, `injections`), as flat floats for the W&B step log."""
+        and where the step is (`sequence`, `injections`), as flat floats for the W&B step log; with
+        side-effect probes, their step metrics too."""
+        results, side = self.side_effects.split(results)
+        side_metrics = self.side_effects.step_metrics(results, side)
         if not results:
-            return {}
+            return side_metrics
         sequences = {r.probe.meta["sequence"] for r in results}
         injections = {r.probe.meta["injections"] for r in results}
         if len(sequences) != 1 or len(injections) != 1:
@@ -146,7 +185,7 @@ class SequentialTask(Task):
             metrics[f"{m}_injected"] = float(np.mean(column[:j]))
         if self.probe_unseen and j < self.length:
             metrics[f"{m}_unseen"] = float(np.mean(column[j:]))
-        return metrics | {"sequence": float(index), "injections": float(j)}
+        return metrics | {"sequence": float(index), "injections": float(j)} | side_metrics
 
     def _summaries(self, results: Sequence[ProbeResult]) -> dict[str, list[float]]:
         """Each summary of `metrics.retention` per sequence (sequences in order)."""
@@ -163,14 +202,15 @@ class SequentialTask(Task):
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         summaries = self._summaries(results)
-        return {f"{key}_{self.metric}": float(np.mean(summaries[key])) for key in self.summary_keys}
+        side_effects = self.side_effects.summarize(*self.side_effects.split(results))
+        return {f"{key}_{self.metric}": float(np.mean(summaries[key])) for key in self.summary_keys} | side_effects
 
     def metric_protocols(self) -> dict[str, str]:
         per_probe = qa.PROTOCOLS[self.metric]
         return {
             f"{key}_{self.metric}": f"{retention.PROTOCOLS[key]}; R[i, j] = mean over context i's probes of {per_probe}"
             for key in self.summary_keys
-        }
+        } | self.side_effects.protocols()
 
     def report(self, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
         """R per sequence and averaged, the retention and age curves, the summaries' standard errors,
@@ -215,7 +255,7 @@ class SequentialTask(Task):
             "n_probes": sum(len(ps.probes) for step in self.steps() for ps in step.probe_sets),
             "probe_unseen": self.probe_unseen,
             "metric": self.metric,
-        }
+        } | ({"side_effects": self.side_effects.describe()} if self.side_effects.any else {})
 
 
 def _standard_error(values: list[float]) -> float | None:
