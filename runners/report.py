@@ -6,6 +6,10 @@ that differs): each metric as mean ± std over the seeds that finished, `n` runs
 for the whole run, mean over seeds) and the extra storage the method keeps beside the model.
 Runs that failed or never finished are listed below the table with their reasons.
 
+Metrics named `<group>/<name>` form column groups: each group's columns sit side by side after the
+ungrouped metrics, and `--group` shows only the named groups (`side_effects` = near_miss, conflict
+and drift, the side-effect probes of docs/side_effects.md).
+
 Several records with the same `run_id` (a run re-launched, skipped as done, or forced again) count
 once: the newest `done` one, else the newest attempt. `--plot` writes PNGs next to the output:
 `retention_<task>.png` (QA-F1 after each step, one line per method; mean over seeds, band = std)
@@ -14,6 +18,7 @@ for tasks with more than one step, and `metrics_<task>.png` (method x metric bar
     python -m runners.report outputs/multirun/2026-01-01_12-00-00
     python -m runners.report outputs --format latex --out table.tex
     python -m runners.report outputs --format csv --out results.csv --plot
+    python -m runners.report outputs --group side_effects
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ SETTING = ["task", "method", "model", "variant"]
 # config keys that never distinguish two settings: bookkeeping, and every `seed` leaf (the run seed and
 # its interpolations such as `method.seed: ${seed}`; seeds are what a row averages over)
 IGNORED_KEYS = ("logger", "output_dir", "force", "resume", "hydra")
+# `--group` names that stand for several metric groups
+GROUP_ALIASES = {"side_effects": ("near_miss", "conflict", "drift")}
 
 
 @dataclass
@@ -151,6 +158,26 @@ def metric_names(frame: pd.DataFrame) -> list[str]:
     return [c.removeprefix("metric/") for c in frame.columns if c.startswith("metric/")]
 
 
+def metric_group(name: str) -> str:
+    """The column group of a metric: the part before its first `/` (none for plain names)."""
+    return name.split("/", 1)[0] if "/" in name else ""
+
+
+def group_columns(names: Sequence[str], groups: Sequence[str] | None = None) -> list[str]:
+    """`names` with each group's metrics side by side: ungrouped first, then the groups in first-seen
+    order (order within a group kept). With `groups` (aliases such as `side_effects` expanded), only
+    the metrics of those groups; a group that matches nothing is an error."""
+    order = list(dict.fromkeys(metric_group(n) for n in names))
+    ranked = sorted(names, key=lambda n: order.index(metric_group(n)) if metric_group(n) else -1)
+    if not groups:
+        return ranked
+    wanted = [g for group in groups for g in GROUP_ALIASES.get(group, (group,))]
+    chosen = [n for n in ranked if metric_group(n) in wanted]
+    if not chosen:
+        raise ValueError(f"no metric in group(s) {list(groups)}; groups found: {[g for g in order if g] or 'none'}")
+    return chosen
+
+
 def summarize(frame: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds of every metric, per setting, for finished runs only (numeric columns:
     `<metric>_mean`, `<metric>_std`, `n`, `inject_s_mean`, `extra_storage_bytes_mean`)."""
@@ -232,15 +259,21 @@ def to_latex(shown: pd.DataFrame) -> str:
     return latex.replace(" ± ", r" $\pm$ ")
 
 
-def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] | None = None) -> str:
-    """The report text for the records under `paths` in format md, latex or csv."""
+def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] | None = None,
+           groups: Sequence[str] | None = None) -> str:
+    """The report text for the records under `paths` in format md, latex or csv: every metric, or the
+    `metrics` named followed by the columns of the metric `groups` (`group_columns`)."""
     runs = load_runs(paths)
     frame = runs_frame(runs.records)
     if not runs.records:
         raise FileNotFoundError(f"no {RECORD_FILE} found under {', '.join(map(str, paths))}")
+    if groups:  # the named metrics first, then the groups' columns
+        found = group_columns(metric_names(frame[frame["status"] == "done"].dropna(axis=1, how="all")), groups)
+        metrics = list(dict.fromkeys([*(metrics or []), *found]))
     table = summarize(frame, metrics)
-    metrics = list(metrics) if metrics else [c.removesuffix("_mean") for c in table.columns
-                                             if c.endswith("_mean") and c not in ("inject_s_mean", "extra_storage_bytes_mean")]
+    metrics = list(metrics) if metrics else group_columns(
+        [c.removesuffix("_mean") for c in table.columns
+         if c.endswith("_mean") and c not in ("inject_s_mean", "extra_storage_bytes_mean")])
     if fmt == "csv":
         return table.to_csv(index=False)
     shown = display_table(table, metrics)
@@ -333,13 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--format", choices=["md", "latex", "csv"], default="md")
     parser.add_argument("--out", help="write the table to this file instead of stdout")
     parser.add_argument("--metrics", help="comma-separated metrics to show (default: every metric found)")
+    parser.add_argument("--group", help="comma-separated metric groups to show (after any --metrics), e.g. "
+                                        "side_effects (= near_miss, conflict, drift) or drift")
     parser.add_argument("--plot", action="store_true", help="also write PNG plots")
     parser.add_argument("--plot-dir", help="folder for the plots (default: beside --out, else the first path)")
     parser.add_argument("--plot-metric", default="qa_f1", help="metric of the retention curves (default: qa_f1)")
     args = parser.parse_args(argv)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
+    groups = [g.strip() for g in args.group.split(",")] if args.group else None
     try:
-        text = render(args.paths, args.format, metrics)
+        text = render(args.paths, args.format, metrics, groups)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
