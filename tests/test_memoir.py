@@ -139,3 +139,19 @@ def test_memoir_runs_end_to_end_on_the_tiny_model(tmp_path, task):
     assert info["edits_stored"] == (2 if task == "editing" else 3)  # synthetic: one edit per QA sentence
     assert info["background"].startswith("training" if task == "editing" else "model")
     assert record["extra_storage_bytes"] > 0
+
+
+def test_threshold_calibration_on_the_held_out_split_routes_its_locality_prompts_off(tiny_lm):
+    from tasks.editing import EditingTask
+
+    held_out = EditingTask(n_edits=3, n_train=12, general_questions=[["What is the capital of France?", "Paris"]])
+    training = held_out.training_knowledge()
+    method = memoir(tiny_lm, background_source="training", calibrate_threshold=0.75)
+    method.prepare(training)
+    stored = method.masks_of([k.meta["prompt"] for k in training])
+    _, best = best_match(method.masks_of([p for k in training for p in k.meta["locality_prompts"]]), stored, method.k)
+    assert (best < method.threshold).float().mean() >= 0.75
+    assert (best < max(v for v in best.tolist() if v < method.threshold)).float().mean() < 0.75  # the lowest such
+    assert method.info()["threshold_source"].startswith("calibrated")
+    with pytest.raises(KBenchError, match="needs held-out edits with locality prompts"):
+        memoir(tiny_lm, background_source="training", calibrate_threshold=0.9).prepare([EDIT])
