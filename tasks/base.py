@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from core.types import Answer, Knowledge, Probe, ProbeSet, Step, TargetScore
-from metrics import qa
+from metrics import qa, retrieval
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Task(ABC):
     """Base class of every task plugin (built by Hydra from `conf/task/<name>.yaml`)."""
 
     name: str = "task"
+    _scored_retrieval: bool = False  # set by `score` once a method reported what it retrieved
 
     @abstractmethod
     def steps(self) -> Sequence[Step]:
@@ -83,7 +84,12 @@ class Task(ABC):
         """Per-probe metrics. Default: QA metrics of generated answers against the gold answers."""
         if probe_set.scorer != "qa" or probe_set.output_type != "generate":
             raise NotImplementedError(f"{type(self).__name__} cannot score probe set {probe_set.name!r}")
-        return [qa.qa_scores(out.text, probe.answers) for probe, out in zip(probe_set.probes, outputs)]
+        rows = []
+        for probe, out in zip(probe_set.probes, outputs):
+            found = retrieval.retrieval_scores(out.meta, probe.knowledge_id)  # from retrieval methods only
+            self._scored_retrieval = self._scored_retrieval or bool(found)
+            rows.append(qa.qa_scores(out.text, probe.answers) | found)
+        return rows
 
     def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         """Metrics logged after one step. Default: the mean over that step's probes."""
@@ -100,7 +106,7 @@ class Task(ABC):
 
     def metric_protocols(self) -> dict[str, str]:
         """How each metric of `summarize` was computed (recorded beside the numbers)."""
-        return dict(qa.PROTOCOLS)
+        return dict(qa.PROTOCOLS) | (retrieval.PROTOCOLS if self._scored_retrieval else {})
 
     def describe(self) -> dict[str, Any]:
         """Facts about the data actually used (counts, filters), carried into the record."""
