@@ -6,6 +6,11 @@ positions of a target are known exactly and are the same in training, scoring an
 Training and scoring batches are right-padded and apply the output head only at target positions
 (Gemma's head is 262k wide); generation batches are left-padded.
 
+Devices: inputs go where the input embeddings live (`LM.device`); every later op combines tensors on
+the device of the tensor it meets (the hidden state's, the output head's), so a model split over
+devices with `device_map` scores and trains like one on a single device. The positions and ids of the
+targets are computed on the host while collating, so a step needs no device-to-host sync for them.
+
 Continuous prompts (RECIPE-style methods): a `[k, hidden]` tensor of vectors can be spliced into a
 sequence right after its start (BOS) token and fed through `inputs_embeds`; the `*_with_vectors`
 functions train, score and generate that way. A row with k = 0 is the plain token sequence.
@@ -29,6 +34,10 @@ class TokenBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     target_mask: torch.Tensor
+    # filled by `LM.collate` on the host (no device sync later); derived from the tensors above when None
+    positions: torch.Tensor | None = None  # flat indices into [B, T-1] of the predicting positions
+    flat_target_ids: torch.Tensor | None = None
+    lengths: list[int] | None = None  # predicted target tokens per row
 
     @property
     def predicted_mask(self) -> torch.Tensor:
@@ -38,7 +47,14 @@ class TokenBatch:
     @property
     def target_ids(self) -> torch.Tensor:
         """The predicted target tokens, flattened in row-major order (aligned with `LM.target_logits`)."""
+        if self.flat_target_ids is not None:
+            return self.flat_target_ids
         return self.input_ids[:, 1:][self.predicted_mask]
+
+    @property
+    def target_lengths(self) -> list[int]:
+        """Predicted target tokens of each row (a host list; computed while collating)."""
+        return self.lengths if self.lengths is not None else self.predicted_mask.sum(1).tolist()
 
 
 @dataclass
@@ -92,7 +108,9 @@ class LM:
     # ------------------------------------------------------------------ tokens and prompts
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embeddings' device (with `device_map` the first layers' GPU).
+        Not "the first parameter's": with a split model, later ops use the device of what they meet."""
+        return self.causal_lm.get_input_embeddings().weight.device
 
     @property
     def causal_lm(self) -> PreTrainedModel:
@@ -144,8 +162,14 @@ class LM:
             input_ids[row, : len(seq)] = torch.tensor(seq)
             attention[row, : len(seq)] = 1
             target[row, : len(seq)] = torch.tensor(mask)
+        predicted = target[:, 1:]  # on the host: positions, ids and lengths cost no device sync later
+        positions = predicted.flatten().nonzero().squeeze(1)
+        target_ids = input_ids[:, 1:][predicted]
+        lengths = predicted.sum(1).tolist()
         device = self.device
-        return TokenBatch(input_ids.to(device), attention.to(device), target.to(device))
+        return TokenBatch(
+            input_ids.to(device), attention.to(device), target.to(device), positions, target_ids.to(device), lengths
+        )
 
     def target_logits(self, batch: TokenBatch) -> torch.Tensor:
         """fp32 logits predicting each target token, `[len(batch.target_ids), vocab]`, row-major.
@@ -154,12 +178,25 @@ class LM:
         number of target tokens rather than batch × length × vocab.
         """
         hidden = self.causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return self._head(hidden, batch.predicted_mask)
+        return self._head(hidden, batch.predicted_mask, batch.positions)
 
-    def _head(self, hidden: torch.Tensor, predicted_mask: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of the output head at the positions that predict a target (t predicts t + 1)."""
+    def _head(
+        self, hidden: torch.Tensor, predicted_mask: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """fp32 logits of the output head at the positions that predict a target (t predicts t + 1).
+
+        The positions are picked on the hidden state's device, and the picked rows go to the head's
+        device (they differ when `device_map` puts the last layers and the head on other GPUs); the
+        logits stay on the head's device.
+        """
         causal = self.causal_lm
-        logits = causal.get_output_embeddings()(hidden[:, :-1][predicted_mask]).float()
+        head = causal.get_output_embeddings()
+        states = hidden[:, :-1]
+        if positions is not None:  # host-computed indices: no sync (a boolean mask needs one)
+            picked = states.reshape(-1, states.shape[-1]).index_select(0, positions.to(hidden.device))
+        else:
+            picked = states[predicted_mask.to(hidden.device)]
+        logits = head(picked.to(head.weight.device)).float()
         softcap = getattr(causal.config, "final_logit_softcapping", None)
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
@@ -178,7 +215,7 @@ class LM:
         results: list[TargetScore] = []
         for chunk in self.batches(list(pairs), desc="score"):
             batch = self.collate(chunk)
-            results += target_scores(self.target_logits(batch), batch.target_ids, batch.predicted_mask.sum(1).tolist())
+            results += target_scores(self.target_logits(batch), batch.target_ids, batch.target_lengths)
         return results
 
     def _greedy_config(self, spec: GenerationSpec) -> GenerationConfig:
@@ -301,7 +338,7 @@ class LM:
         """Like `target_logits`, for a `VectorBatch` (differentiable in the spliced vectors)."""
         decoder = self.causal_lm.get_decoder()
         hidden = decoder(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
-        return self._head(hidden, batch.predicted_mask)
+        return self._head(hidden, batch.predicted_mask)  # the mask goes to the hidden state's device there
 
     @torch.inference_mode()
     def score_with_vectors(
@@ -346,12 +383,18 @@ def target_scores(logits: torch.Tensor, target_ids: torch.Tensor, lengths: Seque
     """One `TargetScore` per sequence from the logits predicting its target tokens (row-major, as
     `LM.target_logits` returns them) and the number of predicted target tokens of each sequence."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target_ids = target_ids.to(logits.device)  # the ids were collated where the inputs go, maybe not the head's device
     token_lp = logprobs.gather(1, target_ids[:, None]).squeeze(1)
     predicted = logprobs.argmax(-1)
-    results = []
-    for lp, pred, target in zip(token_lp.split(lengths), predicted.split(lengths), target_ids.split(lengths)):
-        hits = (pred == target).float()
-        results.append(TargetScore(float(lp.sum()), len(lp), float(hits.mean()), tuple(pred.tolist())))
+    hits = (predicted == target_ids).float()
+    # one transfer to the host for the whole batch, not one per row
+    sums = torch.stack([lp.sum() for lp in token_lp.split(list(lengths))]).tolist() if len(lengths) else []
+    accuracy = torch.stack([h.mean() for h in hits.split(list(lengths))]).tolist() if len(lengths) else []
+    tokens = predicted.tolist()
+    results, start = [], 0
+    for n, lp, acc in zip(lengths, sums, accuracy):
+        results.append(TargetScore(float(lp), n, float(acc), tuple(tokens[start : start + n])))
+        start += n
     return results
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,13 +81,69 @@ def materialise_embedded(name: str) -> Path:
     return folder
 
 
-def resolve_dtype(dtype: str) -> torch.dtype | str:
+@dataclass(frozen=True)
+class DtypePolicy:
+    """Which dtype each piece gets, decided from `model.dtype` and `model.device` alone (no GPU needed).
+
+    - `model`: the frozen weights as loaded. `auto` = bf16 on CUDA (tensor cores), fp32 on CPU (faster
+      than bf16 on the CPUs measured here).
+    - `trainable`: always fp32 — LoRA adapters, MEMOIR's memory, the fp32 master copy of full
+      fine-tuning's weights and every optimiser state: small AdamW / SGD updates would round away in bf16.
+    - `tf32`: fp32 matmuls (the fp32 parts above, and fp32 models on GPU) use TF32 tensor cores on CUDA.
+    fp16 is refused: its range needs loss scaling (a GradScaler) in every training loop; use bfloat16.
+    """
+
+    device: str  # "cuda" or "cpu": where the weights run ("auto" = device_map over the GPUs counts as cuda)
+    model: torch.dtype
+    trainable: torch.dtype = torch.float32
+    tf32: bool = False
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_policy(dtype: str, device: str, cuda_available: bool | None = None) -> DtypePolicy:
+    """The dtype decisions for `model.dtype=dtype` on `model.device=device` (cpu | cuda | cuda:N | auto)."""
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    kind = "cuda" if str(device).startswith("cuda") or (device == "auto" and cuda_available) else "cpu"
+    if dtype in ("float16", "fp16", "half"):
+        raise KBenchError(
+            "model.dtype=float16 is not supported: fp16 training needs loss scaling (a GradScaler) that kbench's "
+            "training loops do not do, and its range overflows on large logits. Use model.dtype=bfloat16 "
+            "(or auto: bf16 on CUDA) or float32."
+        )
     if dtype == "auto":
-        return "auto"
-    try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    except KeyError:
-        raise KBenchError(f"model.dtype must be float32, bfloat16, float16 or auto; got {dtype!r}") from None
+        model = torch.bfloat16 if kind == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        model = DTYPES[dtype]
+    else:
+        raise KBenchError(f"model.dtype must be auto, float32 or bfloat16; got {dtype!r}")
+    return DtypePolicy(device=kind, model=model, tf32=kind == "cuda")
+
+
+def resolve_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
+    """The dtype the weights are loaded in (`dtype_policy(...).model`)."""
+    return dtype_policy(dtype, device).model
+
+
+def apply_backend_settings(policy: DtypePolicy) -> None:
+    """Process-wide switches the policy asks for: TF32 matmuls / convolutions on CUDA."""
+    if not policy.tf32:
+        return
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9: the new API (mixing it with the legacy one warns)
+        matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def tf32_enabled() -> bool:
+    """Whether CUDA fp32 matmuls may use TF32 (for tests and the GPU check's summary)."""
+    matmul = torch.backends.cuda.matmul
+    return matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else bool(matmul.allow_tf32)
 
 
 def load_pretrained(
@@ -102,11 +159,13 @@ def load_pretrained(
             raise KBenchError(f"model path does not exist: {source}. {HOW_TO_GET_A_MODEL}")
         if not looks_local:
             source = name_or_path  # a hub id; works when the hub or its local cache is reachable
+    policy = dtype_policy(dtype, device)
+    apply_backend_settings(policy)
     placement = {"device_map": "auto"} if device == "auto" else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, **placement
+            source, dtype=policy.model, trust_remote_code=trust_remote_code, **placement
         )
     except OSError as err:
         raise KBenchError(f"could not load model {name_or_path!r}: {err}. {HOW_TO_GET_A_MODEL}") from None
@@ -117,7 +176,7 @@ def load_pretrained(
 
 def load_lm(
     name_or_path: str,
-    dtype: str = "float32",
+    dtype: str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
     context_template: str = "{context}\n",
