@@ -15,7 +15,8 @@ from core.types import Answer, ProbeSet, TargetScore
 from tasks.base import ProbeResult, Task
 
 # keys that do not change what a run computes (excluded from its identity)
-BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "resume", "hydra")
+# `hardware` is left out: its values reach the run through model.* / method.* interpolations, which count
+BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "resume", "hydra", "hardware")
 
 
 def run_identity(cfg: DictConfig) -> str:
