@@ -14,20 +14,42 @@ import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 from peft import LoraConfig, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from core.lm import LM
+from core.options import validate
 from core.progress import progress
-from core.types import NonFiniteLossError
+from core.types import NonEmptyStr, NonFiniteLossError, Options, PositiveInt
 
 T = TypeVar("T")
 
 # peft calls a transformers API deprecated in v5; the warning is not actionable for kbench users
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+class LoraOptions(Options):
+    """`method.update.lora`: the LoRA adapter (peft's names: r, lora_alpha, lora_dropout, target_modules).
+
+    `target_modules` takes every form peft accepts: module names (`q_proj`), dotted suffixes
+    (`self_attn.q_proj`), full names, a regex string matched against the full name, or `all-linear`."""
+
+    r: PositiveInt = 8
+    alpha: PositiveInt = 32
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[NonEmptyStr], Field(min_length=1)] | NonEmptyStr = ["q_proj", "v_proj"]
+
+
+class UpdateOptions(Options):
+    """`method.update`: which weights an injection trains."""
+
+    mode: Literal["lora", "full"] = "lora"
+    lora: LoraOptions = LoraOptions()
 
 
 class WeightUpdate:
@@ -38,11 +60,10 @@ class WeightUpdate:
     base weights (extra storage 0); `reset()` restores the original weights in every mode.
     """
 
-    def __init__(self, lm: LM, mode: str = "lora", lora: dict[str, Any] | None = None, seed: int = 0) -> None:
-        if mode not in ("lora", "full"):
-            raise ValueError(f"update mode must be 'lora' or 'full', got {mode!r}")
-        self.lm, self.mode, self.seed = lm, mode, seed
-        self.lora = dict(r=8, alpha=32, dropout=0.0, target_modules=["q_proj", "v_proj"]) | dict(lora or {})
+    def __init__(self, lm: LM, mode: str = "lora", lora: dict[str, Any] | LoraOptions | None = None, seed: int = 0) -> None:
+        options = validate(UpdateOptions, {"mode": mode, "lora": _plain(lora)}, "method.update")
+        self.lm, self.mode, self.seed = lm, options.mode, seed
+        self.lora = options.lora.model_dump()  # a plain dict: saved in update.json and compared on load
         self._original: dict[str, torch.Tensor] | None = None  # snapshot for reset when base weights change
         self.merged = False
 
@@ -54,7 +75,7 @@ class WeightUpdate:
     def begin(self) -> list[torch.nn.Parameter]:
         """Make the update's weights trainable and return them."""
         if self.mode == "full":
-            self._snapshot(lambda name: True)
+            self._snapshot(lambda name, param: True)
             for param in self.lm.model.parameters():
                 param.requires_grad_(True)
             self.lm.model.train()
@@ -70,10 +91,15 @@ class WeightUpdate:
             r=self.lora["r"],
             lora_alpha=self.lora["alpha"],
             lora_dropout=self.lora["dropout"],
-            target_modules=list(self.lora["target_modules"]),
+            target_modules=_peft_targets(self.lora["target_modules"]),
             task_type="CAUSAL_LM",
         )
         self.lm.model = get_peft_model(self.lm.model, config)
+        # the adapter trains in fp32 whatever the base weights' dtype (bf16 on GPU): AdamW's small steps
+        # would round away in bf16 (peft already upcasts by default; this makes it a guarantee)
+        for name, param in self.lm.model.named_parameters():
+            if "lora_" in name and param.dtype != torch.float32:
+                param.data = param.data.float()
 
     def end(self) -> None:
         self.lm.model.eval()
@@ -85,8 +111,14 @@ class WeightUpdate:
         """Fold the adapter into the base weights; the next `begin()` starts a fresh adapter on top."""
         if self.mode != "lora" or not self.has_adapter:
             return
-        targets = tuple(self.lora["target_modules"])
-        self._snapshot(lambda name: name.rsplit(".", 2)[-2] in targets, source=self.lm.model.get_base_model())
+        # Snapshot exactly the layers peft wrapped, whatever form `target_modules` took (a suffix such as
+        # `self_attn.q_proj`, a regex, `all-linear`): matching the config's names here again missed
+        # suffix forms, and reset() then left merged weights in place.
+        base = self.lm.model.get_base_model()
+        # By tensor, not by name: a tied weight (lm_head = embed_tokens) is listed once, under either name.
+        wrapped = {id(p) for module in base.modules() if isinstance(module, BaseTunerLayer)
+                   for p in module.get_base_layer().parameters()}
+        self._snapshot(lambda name, param: id(param) in wrapped, source=base)
         self.lm.model = self.lm.model.merge_and_unload()
         self.merged = True
 
@@ -95,7 +127,7 @@ class WeightUpdate:
         if self.has_adapter:
             self.lm.model = self.lm.model.unload()
         if self._original is not None:
-            params = dict(self.lm.model.named_parameters())
+            params = dict(self.lm.model.named_parameters(remove_duplicate=False))  # tied weights by every name
             with torch.no_grad():
                 for name, value in self._original.items():
                     params[name].copy_(value)
@@ -137,7 +169,7 @@ class WeightUpdate:
         base_file = directory / "base_weights.safetensors"
         if base_file.is_file():
             saved = load_file(str(base_file))
-            self._snapshot(lambda name: name in saved)  # so reset() can undo the loaded change
+            self._snapshot(lambda name, param: name in saved)  # so reset() can undo the loaded change
             params = self._base_parameters()
             with torch.no_grad():
                 for name, value in saved.items():
@@ -157,7 +189,7 @@ class WeightUpdate:
     def _base_parameters(self) -> dict[str, torch.nn.Parameter]:
         """The model's own (non-adapter) weights, named as without an adapter."""
         module = self.lm.model.get_base_model() if self.has_adapter else self.lm.model
-        return {n.replace(".base_layer", ""): p for n, p in module.named_parameters() if "lora_" not in n}
+        return {n.replace(".base_layer", ""): p for n, p in module.named_parameters(remove_duplicate=False) if "lora_" not in n}
 
     def teacher_mode(self, use_base: bool) -> contextlib.AbstractContextManager:
         """Context in which the LM acts as teacher: the base weights (adapter off) or the current model."""
@@ -165,15 +197,33 @@ class WeightUpdate:
             return self.lm.model.disable_adapter()
         return contextlib.nullcontext()
 
-    def _snapshot(self, keep: Callable[[str], bool], source: torch.nn.Module | None = None) -> None:
-        if self._original is not None:
-            return
+    def _snapshot(self, keep: Callable[[str, torch.nn.Parameter], bool], source: torch.nn.Module | None = None) -> None:
+        """Add the original value of every kept weight not saved yet. Additive, not first-call-only: a
+        later merge may touch layers an earlier one did not; a weight already saved keeps its first
+        (original) value, and one not saved yet was untouched until now."""
         module = source if source is not None else self.lm.model
-        self._original = {
-            name.replace(".base_layer", ""): p.detach().to("cpu", copy=True)
-            for name, p in module.named_parameters()
-            if "lora_" not in name and keep(name.replace(".base_layer", ""))
-        }
+        saved = self._original if self._original is not None else {}
+        for name, p in module.named_parameters():
+            plain = name.replace(".base_layer", "")
+            if "lora_" not in name and plain not in saved and keep(plain, p):
+                saved[plain] = p.detach().to("cpu", copy=True)
+        self._original = saved
+
+
+def _plain(value: Any) -> Any:
+    return value.model_dump() if isinstance(value, Options) else dict(value or {})
+
+
+def _peft_targets(targets: list[str] | str) -> list[str] | str:
+    """peft's own forms: a list of names / suffixes, or one string (a regex, or `all-linear`)."""
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def fp32_masters(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    """An fp32 master copy of every trainable parameter stored in lower precision (full fine-tuning of
+    a bf16 model), None for fp32 ones: the optimiser updates the masters, and the model's weights get
+    the rounded result after each step, so updates far below bf16's resolution still accumulate."""
+    return [None if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in params]
 
 
 def shuffled_batches(items: Sequence[T], batch_size: int, generator: torch.Generator) -> Iterator[list[T]]:
@@ -203,7 +253,9 @@ def train(
     """
     if not examples:
         raise ValueError("nothing to train on: the example list is empty")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    masters = fp32_masters(params)  # optimiser state and updates in fp32 (trainable pieces are fp32 already)
+    optimised = [p if m is None else m for p, m in zip(params, masters)]
+    optimizer = torch.optim.AdamW(optimised, lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(math.ceil(len(examples) / batch_size) / grad_accum)
     history: list[float] = []
@@ -215,22 +267,32 @@ def train(
             for batch in batches[start : start + grad_accum]:
                 loss, n = loss_fn(batch)
                 loss.backward()  # summed loss: dividing the gradients by the token count below is exact
-                total += float(loss.detach())
+                total = total + loss.detach()  # stays on the device: no host sync per micro-batch
                 n_tokens += n
-            mean = total / max(n_tokens, 1)
+            mean = float(total) / max(n_tokens, 1)  # the one sync of a step: the value logged for it
             if not math.isfinite(mean):
                 optimizer.zero_grad(set_to_none=True)
+                for param in params:
+                    param.grad = None
                 raise NonFiniteLossError(
                     f"{desc}: loss became {mean} at optimiser step {len(history) + 1}; injection stopped. "
                     "Lower the learning rate or check the data."
                 )
-            for param in params:
-                if param.grad is not None:
+            for param, master in zip(params, masters):
+                if param.grad is None:
+                    continue
+                if master is None:
                     param.grad /= n_tokens
+                else:  # the gradient moves to the fp32 master
+                    master.grad, param.grad = param.grad.float() / n_tokens, None
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(optimised, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for param, master in zip(params, masters):
+                    if master is not None:
+                        param.copy_(master)
             history.append(mean)
             bar.update(1)
             bar.set_postfix(loss=f"{mean:.4f}")

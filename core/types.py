@@ -6,7 +6,27 @@ injection step). A method consumes `Knowledge` and answers `Query`s. Nothing els
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Bounded config knobs. `runners.build` checks every parameter hinted with these before anything is
+# built and names the key and the bound when a value falls outside (task.limit=-1, method.epochs=0).
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+UnitFloat = Annotated[float, Field(ge=0, le=1)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class Options(BaseModel):
+    """A nested option group of a config node (`method.update`, `method.update.lora`, ...).
+
+    Unknown keys are refused rather than ignored: a misspelled `+method.update.lora.rank=2` must fail
+    before the model loads, not run with the default rank while the record claims 2."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class KBenchError(Exception):

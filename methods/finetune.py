@@ -16,8 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.training import WeightUpdate, train
-from core.types import Knowledge
+from core.options import validate
+from core.training import UpdateOptions, WeightUpdate, train
+from core.types import Knowledge, NonNegativeFloat, PositiveFloat, PositiveInt
 from methods.base import Method
 from methods.sentences import SentenceSource
 
@@ -32,18 +33,21 @@ class FineTuneMethod(Method):
     def __init__(
         self,
         lm,
-        update: dict[str, Any],
-        lr: float = 1e-3,
-        epochs: int = 5,
-        batch_size: int = 4,
-        grad_accum: int = 1,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 1.0,
+        update: UpdateOptions = UpdateOptions(),
+        lr: PositiveFloat = 1e-3,
+        epochs: PositiveInt = 5,  # 0 would "inject" nothing and still report an adapter's storage
+        batch_size: PositiveInt = 4,
+        grad_accum: PositiveInt = 1,
+        weight_decay: NonNegativeFloat = 0.0,
+        max_grad_norm: NonNegativeFloat = 1.0,  # 0 = no clipping
         merge: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(lm)
-        self.weights = WeightUpdate(lm, mode=update.get("mode", "lora"), lora=update.get("lora"), seed=seed)
+        # Hydra passes the option group as a dict, a direct caller may pass UpdateOptions: validated either
+        # way, at every depth (a misspelled key is refused and named, never ignored)
+        update = validate(UpdateOptions, update.model_dump() if isinstance(update, UpdateOptions) else update, "method.update")
+        self.weights = WeightUpdate(lm, mode=update.mode, lora=update.lora, seed=seed)
         self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
         self.weight_decay, self.max_grad_norm, self.merge, self.seed = weight_decay, max_grad_norm, merge, seed
         self.losses: list[float] = []
@@ -56,8 +60,9 @@ class FineTuneMethod(Method):
         """Summed loss over a mini-batch of examples, and the number of target tokens it covers.
         Default: the causal-LM cross-entropy on (prefix, target) id pairs."""
         batch = self.lm.collate(examples)
-        targets = batch.target_ids
-        return F.cross_entropy(self.lm.target_logits(batch), targets, reduction="sum"), len(targets)
+        logits = self.lm.target_logits(batch)  # on the output head's device, maybe not the inputs'
+        targets = batch.target_ids.to(logits.device)
+        return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
         examples = self.training_examples(knowledge)
@@ -101,7 +106,7 @@ class FineTuneContext(FineTuneMethod):
 
     name = "ft_context"
 
-    def __init__(self, lm, chunk_tokens: int = 256, **knobs) -> None:
+    def __init__(self, lm, chunk_tokens: PositiveInt = 256, **knobs) -> None:
         super().__init__(lm, **knobs)
         self.chunk_tokens = chunk_tokens
 

@@ -33,18 +33,38 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from core.io import atomic_write_json, cache_dir, read_json, read_jsonl, stable_hash
+from core.io import (
+    atomic_write_json, cache_dir, note_input, read_json, read_jsonl_numbered, read_lines, stable_hash, text_field,
+)
 from core.lm import LM
+from core.options import ConfigError, validate
 from core.progress import progress
-from core.types import GenerationSpec, KBenchError, Knowledge
+from core.types import (
+    GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt,
+)
 from methods.finetune import FineTuneMethod
 from methods.sentences import SentenceSource
 
 log = logging.getLogger(__name__)
+
+
+class RegularisationOptions(Options):
+    """`method.regularisation`: where the unrelated text comes from (conf/method/selfparam.yaml)."""
+
+    source: Literal["model", "file"] = "model"
+    path: str | None = None
+    n_texts: PositiveInt = 32
+    max_tokens: PositiveInt = 32
+    temperature: PositiveFloat = 1.0
+    seed: int = 0
+
+
+def _plain(options: Options | dict[str, Any] | None) -> dict[str, Any]:
+    return options.model_dump() if isinstance(options, Options) else dict(options or {})
 
 
 @dataclass
@@ -91,29 +111,25 @@ class SelfParam(FineTuneMethod):
         self,
         lm: LM,
         sentences: SentenceSource,
-        teacher: str = "current",
-        teacher_top_k: int = 64,
-        teacher_batch_size: int = 4,
-        continuation_per_sentence: float = 1.0,
-        regularisation_per_sentence: float = 1.0,
+        teacher: Literal["current", "base"] = "current",
+        teacher_top_k: NonNegativeInt = 64,
+        teacher_batch_size: PositiveInt = 4,
+        continuation_per_sentence: NonNegativeFloat = 1.0,
+        regularisation_per_sentence: NonNegativeFloat = 1.0,
         context_on_regularisation: bool = True,
-        regularisation: dict[str, Any] | None = None,
+        regularisation: RegularisationOptions = RegularisationOptions(),
         **training,
     ) -> None:
         super().__init__(lm, **training)
-        if teacher not in ("current", "base"):
-            raise ValueError(f"method.teacher must be 'current' or 'base', got {teacher!r}")
-        if teacher_top_k < 0 or continuation_per_sentence < 0 or regularisation_per_sentence < 0:
-            raise ValueError("teacher_top_k and the per-sentence ratios must be >= 0")
         self.sentences = sentences
         self.teacher, self.teacher_top_k, self.teacher_batch_size = teacher, teacher_top_k, teacher_batch_size
         self.continuation_ratio, self.regularisation_ratio = continuation_per_sentence, regularisation_per_sentence
         self.context_on_regularisation = context_on_regularisation
-        defaults = dict(source="model", path=None, n_texts=32, max_tokens=32, temperature=1.0, seed=0)
-        unknown = set(regularisation or {}) - set(defaults)
-        if unknown:
-            raise ValueError(f"unknown method.regularisation option(s) {sorted(unknown)}; known: {sorted(defaults)}")
-        self.regularisation_cfg = defaults | (regularisation or {})
+        options = validate(RegularisationOptions, _plain(regularisation), "method.regularisation")
+        if options.source == "file" and not options.path:
+            raise ConfigError("method.regularisation.path: required when method.regularisation.source=file "
+                              "(a .txt file, one text per line, or .jsonl with {\"text\": ...})")
+        self.regularisation_cfg = options.model_dump()  # a plain dict: part of the pool's cache key
         self.rng = random.Random(self.seed)
         self.regularisation_pool: list[list[int]] = []
         self.cache_bytes = 0
@@ -130,15 +146,14 @@ class SelfParam(FineTuneMethod):
     def _regularisation_texts(self) -> list[str]:
         cfg = self.regularisation_cfg
         if cfg["source"] == "file":
-            if not cfg["path"]:
-                raise KBenchError("method.regularisation.source=file needs method.regularisation.path")
             if str(cfg["path"]).endswith(".jsonl"):
-                rows = read_jsonl(cfg["path"], required=("text",), expected_format='JSON lines {"text": ...}')
-                return [row["text"] for row in rows][: cfg["n_texts"]]
-            lines = Path(cfg["path"]).read_text(encoding="utf-8").splitlines()
-            return [line for line in lines if line.strip()][: cfg["n_texts"]]
-        if cfg["source"] != "model":
-            raise KBenchError(f"method.regularisation.source must be 'model' or 'file', got {cfg['source']!r}")
+                fmt = 'JSON lines {"text": <string>}'
+                rows = read_jsonl_numbered(cfg["path"], required=("text",), expected_format=fmt)
+                texts = [text_field(row, "text", where, fmt) for where, row in rows]
+            else:
+                texts = [line for _, line in read_lines(cfg["path"], "one text per line")]
+            # an empty line or text is no regularisation text: skipped, not trained on as ""
+            return [text for text in texts if text.strip()][: cfg["n_texts"]]
         key = stable_hash([self.lm.name, cfg])
         path = cache_dir("regularisation") / f"{key}.json"
         if path.is_file():
@@ -149,6 +164,7 @@ class SelfParam(FineTuneMethod):
             n = min(16, cfg["n_texts"] - start)
             texts += self.lm.sample(self.lm.start_ids, n, spec, cfg["temperature"], 1.0, seed=cfg["seed"] + start)
         atomic_write_json(path, texts)
+        note_input(path)  # what later runs read from the cache: part of this run's inputs too
         return texts
 
     def _pairs(self, item: Knowledge) -> list[tuple[list[int], list[int], list[int], str]]:
@@ -176,13 +192,13 @@ class SelfParam(FineTuneMethod):
             for chunk in self.lm.batches(pairs, desc="teacher", size=self.teacher_batch_size):
                 batch = self.lm.collate([(teacher, target) for teacher, _, target, _ in chunk])
                 logprobs = torch.log_softmax(self.lm.target_logits(batch), dim=-1)
-                lengths = batch.predicted_mask.sum(1).tolist()
+                lengths = batch.target_lengths  # computed on the host while collating: no sync
                 if self.teacher_top_k:
                     top, index = logprobs.topk(self.teacher_top_k, dim=-1)
                     rest = torch.logsumexp(logprobs.scatter(1, index, float("-inf")), dim=-1)
                     parts = zip(top.split(lengths), index.split(lengths), rest.split(lengths))
-                else:
-                    parts = ((lp, None, None) for lp in logprobs.split(lengths))
+                else:  # full rows (V wide: ~1 MiB per token at Gemma's 262k) wait in host memory, not on the GPU
+                    parts = ((lp, None, None) for lp in logprobs.to("cpu").split(lengths))
                 for (_, prefix, target, kind), (lp, ix, rs) in zip(chunk, parts):
                     examples.append(DistillExample((prefix, target), lp.clone(), _clone(ix), _clone(rs), kind))
                     self.cache_bytes += sum(t.numel() * t.element_size() for t in (lp, ix, rs) if t is not None)

@@ -1,9 +1,12 @@
 """Build plugins from config with `hydra.utils.instantiate`, checking values against the target's type hints.
 
 OmegaConf accepts `task.n_contexts=abc` for an untyped YAML node; the plugin would fail much later
-with an obscure message. Before instantiating, every config value whose parameter carries a plain type
-hint (int, float, str, bool, lists/dicts/optionals of those, Literal) is validated with pydantic, and
-a mismatch raises `ConfigError` naming the key, the expected type and the value given.
+with an obscure message. Before instantiating (and, through `check_config`, before the model loads),
+every config value whose parameter carries a checkable type hint is validated with pydantic: plain
+types (int, float, str, bool, lists/dicts/optionals of those), `Literal`, bounded types
+(`Annotated[int, Field(ge=1)]`, `pydantic.PositiveInt`, ...) and nested option groups declared as
+pydantic models (`update: UpdateOptions`), whose unknown keys are refused at every depth. A mismatch
+raises `ConfigError` naming the full key, what it accepts and the value given.
 """
 from __future__ import annotations
 
@@ -15,11 +18,7 @@ import pydantic
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from core.types import KBenchError
-
-
-class ConfigError(KBenchError):
-    """A config value has the wrong type or an unknown key."""
+from core.options import ConfigError, checkable, describe_hint, is_model, validate  # noqa: F401 (ConfigError: re-exported)
 
 
 def _init_parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
@@ -44,20 +43,11 @@ def _hints(target: Any) -> dict[str, Any]:
     hints: dict[str, Any] = {}
     for function in reversed(functions):
         try:
-            hints |= typing.get_type_hints(function)
+            # include_extras keeps Annotated bounds (ge=1, ...), which get_type_hints strips by default
+            hints |= typing.get_type_hints(function, include_extras=True)
         except Exception:  # unresolvable forward references: skip checking those parameters
             continue
     return hints
-
-
-def _checkable(hint: Any) -> bool:
-    """Only hints built from builtins and typing constructs are checked; plugin classes are not."""
-    origin = typing.get_origin(hint)
-    if origin is None:
-        return hint in (int, float, str, bool, type(None), dict, list, Any)
-    if origin is typing.Literal:
-        return True
-    return all(_checkable(arg) for arg in typing.get_args(hint) if arg is not Ellipsis)
 
 
 def check_config(node: DictConfig, key: str) -> None:
@@ -80,19 +70,10 @@ def check_config(node: DictConfig, key: str) -> None:
             known = sorted(n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY)
             raise ConfigError(f"{key}.{name}: unknown option for {node._target_}; known options: {known}")
         hint = hints.get(name)
-        if hint is None or not _checkable(hint):
+        if hint is None or not checkable(hint):
             continue
         plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-        try:
-            pydantic.TypeAdapter(hint).validate_python(plain, strict=isinstance(plain, str) and hint is not str)
-        except pydantic.ValidationError:
-            raise ConfigError(
-                f"{key}.{name}: expected {_describe(hint)}, got {plain!r} ({type(plain).__name__})"
-            ) from None
-
-
-def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+        validate(hint, plain, f"{key}.{name}")
 
 
 def build(node: DictConfig, key: str, **runtime: Any) -> Any:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from core.types import GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step
+from core.options import checked
+from core.types import DataError, GenerationSpec, Knowledge, NonNegativeInt, PositiveInt, Probe, ProbeSet, Query, Step
 from tasks.base import Task
 
 
@@ -23,17 +24,16 @@ class QAItem:
 
 
 class ContextQATask(Task):
+    @checked("task")
     def __init__(
         self,
-        mode: str = "single",
-        batch_size: int = 0,
-        limit: int = 0,
+        mode: Literal["single", "batch"] = "single",
+        batch_size: NonNegativeInt = 0,  # batch mode: contexts per injection, 0 = all
+        limit: NonNegativeInt = 0,  # 0 = all; a negative limit used to mean "all" silently
         prompt_template: str = "Question: {question}\nAnswer:",
-        max_new_tokens: int = 24,
+        max_new_tokens: PositiveInt = 24,
         stop: list[str] | None = None,
     ) -> None:
-        if mode not in ("single", "batch"):
-            raise ValueError(f"task.mode must be 'single' or 'batch', got {mode!r}")
         if "{question}" not in prompt_template:
             raise ValueError(f"task.prompt_template must contain '{{question}}', got {prompt_template!r}")
         self.mode, self.batch_size, self.limit = mode, batch_size, limit
@@ -45,13 +45,19 @@ class ContextQATask(Task):
     def load_items(self) -> list[QAItem]:
         """Every context with its questions, in a fixed order."""
 
+    def dropped_summary(self) -> dict[str, int]:
+        """Records dropped while loading, by reason (named when nothing is left, and in the record)."""
+        return {}
+
     @property
     def items(self) -> list[QAItem]:
         if self._items is None:
             items = self.load_items()
             self._items = items[: self.limit] if self.limit > 0 else items
             if not self._items:
-                raise ValueError(f"task {self.name!r} has no contexts to inject (check its data and filters)")
+                dropped = {k: v for k, v in self.dropped_summary().items() if v}
+                why = f"; dropped while loading: {dropped}" if dropped else ""
+                raise DataError(f"task {self.name!r} has no contexts to inject (check its data and filters){why}")
         return self._items
 
     def probes_of(self, item: QAItem) -> list[Probe]:
@@ -91,4 +97,4 @@ class ContextQATask(Task):
             "mode": self.mode,
             "n_contexts": len(self.items),
             "n_questions": sum(len(item.questions) for item in self.items),
-        }
+        } | ({"dropped": self.dropped_summary()} if self.dropped_summary() else {})  # by reason, zeros included

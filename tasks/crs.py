@@ -36,9 +36,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from core.io import read_json, read_jsonl, require_file, write_jsonl
+from pydantic import Field
+
+from core.io import FirstSeen, read_json, read_jsonl_numbered, read_records, text_field, write_jsonl
+from core.options import checked
+from core.types import NonNegativeInt, PositiveInt
 from core.types import Answer, DataError, GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
 from metrics import ranking
 from tasks.base import ProbeResult, Task
@@ -138,27 +142,56 @@ def _request(row: dict) -> str:
     return _SPEAKER.sub("", lines[-1]).strip() if lines else ""
 
 
-def load_crs_turns(path: str | Path, catalogue: Catalogue) -> list[CRSTurn]:
-    """The recommender turns with a gold recommendation of a CRS test file, in file order."""
-    turns = []
+def _ids(row: dict, key: str, where: str) -> list[int]:
+    """A list of entity ids (numbers); anything else is refused naming file:line."""
+    value = row[key]
+    if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int | str) for i in value):
+        raise DataError(f"{where}: field {key!r} must be a list of item ids, got {value!r}. Expected {CRS_FORMAT}.")
+    return value
+
+
+def load_crs_turns(path: str | Path, catalogue: Catalogue, dropped: dict[str, int] | None = None) -> list[CRSTurn]:
+    """The recommender turns with a gold recommendation of a CRS test file, in file order.
+
+    Fields must have their types (`input` a string, `rec` / `prev_entity` lists of ids, ids strings
+    or numbers), refused naming file:line. A gold item whose title is empty once derived from its URI
+    is dropped and counted in `dropped["empty_gold_title"]` (an empty gold would match an empty list
+    item), and a turn left without gold in `dropped["no_gold_left"]`. The dialogue itself may be empty:
+    the recommender may open a conversation. A (dialog_id, turn_id) seen twice is refused naming both
+    file:lines (the two turns would share one probe id)."""
+    turns, seen = [], FirstSeen("turn (dialog_id, turn_id)")
+    dropped = dropped if dropped is not None else {}
+    dropped.setdefault("empty_gold_title", 0)
+    dropped.setdefault("no_gold_left", 0)
     required = ("input", "rec", "prev_entity", "dialog_id", "turn_id")
-    for row in read_jsonl(path, required=required, expected_format=CRS_FORMAT):
-        if not row["rec"] or row.get("is_user"):
+    for where, row in read_jsonl_numbered(path, required=required, expected_format=CRS_FORMAT):
+        for key in ("dialog_id", "turn_id"):
+            if isinstance(row[key], bool) or not isinstance(row[key], int | str) or not str(row[key]).strip():
+                raise DataError(f"{where}: field {key!r} must be a non-empty string or number, got {row[key]!r}. "
+                                f"Expected {CRS_FORMAT}.")
+        seen.add(f"{row['dialog_id']}/{row['turn_id']}", where)
+        rec = _ids(row, "rec", where)
+        if not rec or row.get("is_user"):
             continue
-        where = f"{path}: turn {row['dialog_id']}/{row['turn_id']}"
-        if not isinstance(row["input"], str) or not isinstance(row["rec"], list):
-            raise DataError(f"{where}: 'input' must be a string and 'rec' a list of ids. Expected {CRS_FORMAT}.")
+        dialogue = text_field(row, "input", where, CRS_FORMAT)
+        place = f"{where} (turn {row['dialog_id']}/{row['turn_id']})"
+        gold = tuple(title for title in (catalogue.title(i, place) for i in rec) if title.strip())
+        dropped["empty_gold_title"] += len(rec) - len(gold)
+        if not gold:
+            dropped["no_gold_left"] += 1
+            continue
         turns.append(CRSTurn(
             dialog_id=str(row["dialog_id"]),
             turn_id=str(row["turn_id"]),
-            dialogue=row["input"],
-            response=str(row.get("resp", "")),
-            gold=tuple(catalogue.title(i, where) for i in row["rec"]),
-            seen=tuple(catalogue.title(i, where) for i in row["prev_entity"]),
+            dialogue=dialogue,
+            response=text_field(row, "resp", where, CRS_FORMAT, optional=True) or "",
+            gold=gold,
+            seen=tuple(catalogue.title(i, place) for i in _ids(row, "prev_entity", where)),
             request=_request(row),
         ))
     if not turns:
-        raise DataError(f"{path}: no recommender turn with a gold 'rec'. Expected {CRS_FORMAT}.")
+        why = f" ({dropped['no_gold_left']} left without a gold title)" if dropped["no_gold_left"] else ""
+        raise DataError(f"{path}: no recommender turn with a gold 'rec'{why}. Expected {CRS_FORMAT}.")
     return turns
 
 
@@ -190,60 +223,55 @@ def _redial_text(text: str, mentions: dict[str, str]) -> str:
     return _REDIAL_MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), text)
 
 
-def load_redial_conversations(path: str | Path) -> list[Dialogue]:
+def load_redial_conversations(path: str | Path, dropped: dict[str, int] | None = None) -> list[Dialogue]:
     """Dialogues of ReDial's original release. The seeker (initiator) is "User", the recommender
     "System"; consecutive messages of one speaker are joined; "@id" mentions become titles. Every
-    recommender utterance that mentions a movie is a recommendation of those titles (years removed)."""
-    path = require_file(path, REDIAL_FORMAT)
-    raw = path.read_text(encoding="utf-8")
-    located: list[tuple[str, Any]] = []  # (where, conversation)
-    if raw.lstrip().startswith("["):
-        try:
-            located = [(f"{path}[{i}]", c) for i, c in enumerate(json.loads(raw))]
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}). Expected {REDIAL_FORMAT}.") from None
-    else:
-        for line_no, line in enumerate(raw.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                located.append((f"{path}:{line_no}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg}). Expected {REDIAL_FORMAT}.") from None
+    recommender utterance that mentions a movie is a recommendation of those titles (years removed).
+    A message text must be a string (file:line otherwise); a conversation with no text is dropped and
+    counted in `dropped["empty_conversation"]`; a `conversationId` seen twice is refused naming both."""
+    dropped = dropped if dropped is not None else {}
+    dropped.setdefault("empty_conversation", 0)
+    ids = FirstSeen("conversationId")
     dialogues = []
-    for where, conversation in located:
-        if not isinstance(conversation, dict) or "messages" not in conversation or "initiatorWorkerId" not in conversation:
-            raise DataError(f"{where}: missing 'messages' or 'initiatorWorkerId'. Expected {REDIAL_FORMAT}.")
+    for where, conversation in read_records(path, ("messages", "initiatorWorkerId"), REDIAL_FORMAT):
         mentions = conversation.get("movieMentions") or {}
         if not isinstance(mentions, dict):
             raise DataError(f"{where}: 'movieMentions' must be an object {{id: title}}. Expected {REDIAL_FORMAT}.")
+        if not isinstance(conversation["messages"], list):
+            raise DataError(f"{where}: 'messages' must be a list. Expected {REDIAL_FORMAT}.")
         utterances: list[tuple[str, str, list[str]]] = []  # (speaker, text, mentioned ids)
         for message in conversation["messages"]:
             if not isinstance(message, dict) or "text" not in message or "senderWorkerId" not in message:
                 raise DataError(f"{where}: every message needs 'text' and 'senderWorkerId'. Expected {REDIAL_FORMAT}.")
+            raw = text_field(message, "text", where, REDIAL_FORMAT)
             speaker = "User" if message["senderWorkerId"] == conversation["initiatorWorkerId"] else "System"
-            text = _redial_text(str(message["text"]).strip(), mentions)
-            ids = _REDIAL_MENTION.findall(str(message["text"]))
+            text = _redial_text(raw.strip(), mentions)
+            if not text:
+                continue  # an empty message adds nothing, and must not start an empty turn
+            message_ids = _REDIAL_MENTION.findall(raw)
             if utterances and utterances[-1][0] == speaker:
                 previous = utterances[-1]
-                utterances[-1] = (speaker, f"{previous[1]} {text}".strip(), previous[2] + ids)
+                utterances[-1] = (speaker, f"{previous[1]} {text}".strip(), previous[2] + message_ids)
             else:
-                utterances.append((speaker, text, ids))
+                utterances.append((speaker, text, message_ids))
+        dialog_id = str(conversation.get("conversationId", len(dialogues)))
+        ids.add(dialog_id, where)
         if not utterances:
+            dropped["empty_conversation"] += 1
             continue
         recommendations = []
-        for index, (speaker, text, ids) in enumerate(utterances):
+        for index, (speaker, text, mentioned) in enumerate(utterances):
             titles = tuple(dict.fromkeys(
-                ranking.collapse_spaces(ranking.strip_parentheses(mentions[i])) for i in ids if i in mentions
+                ranking.collapse_spaces(ranking.strip_parentheses(str(mentions[i]))) for i in mentioned if i in mentions
             ))
             if speaker == "System" and titles:
                 before = [u[1] for u in utterances[:index] if u[0] == "User"]
                 recommendations.append((before[-1] if before else "", titles, text))
-        dialog_id = str(conversation.get("conversationId", len(dialogues)))
         text = "\n".join(f"{speaker}: {text}" for speaker, text, _ in utterances)
         dialogues.append(Dialogue(f"redial-{dialog_id}", text, tuple(recommendations)))
     if not dialogues:
-        raise DataError(f"{path}: no conversation with messages. Expected {REDIAL_FORMAT}.")
+        why = f" ({dropped['empty_conversation']} without text dropped)" if dropped["empty_conversation"] else ""
+        raise DataError(f"{path}: no conversation with messages{why}. Expected {REDIAL_FORMAT}.")
     return dialogues
 
 
@@ -252,26 +280,27 @@ class CRSTask(Task):
 
     name = "crs"
 
+    @checked("task")
     def __init__(
         self,
         dataset_dir: str,
         test_file: str = "test.jsonl",
-        limit: int = 16,
+        limit: NonNegativeInt = 16,
         prompt_template: str = REFERENCE_PROMPT,
         answer_prefix: str = "",
-        max_new_tokens: int = 128,
+        max_new_tokens: PositiveInt = 128,
         stop: list[str] | None = None,
         parser: str = "he2023",
-        catalogue: str = "entities",
+        catalogue: Literal["entities", "items"] = "entities",
         filter_oov: bool = False,
-        oov_threshold: int = 2,
+        oov_threshold: NonNegativeInt = 2,
         exclude_seen: bool = False,
         dedupe: bool = False,
-        ks: list[int] | None = None,
-        knowledge_source: str = "split",
+        ks: list[PositiveInt] | None = None,
+        knowledge_source: Literal["split", "crs_jsonl", "redial_conversations", "none"] = "split",
         knowledge_path: str | None = None,
-        knowledge_fraction: float = 0.5,
-        n_knowledge: int = 8,
+        knowledge_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5,
+        n_knowledge: NonNegativeInt = 8,
         data_seed: int = 0,
         sentence_template: str = "Question: {user}\nAnswer: {titles}\n",
     ) -> None:
@@ -279,16 +308,8 @@ class CRSTask(Task):
             raise ValueError(f"task.prompt_template must contain '{{dialogue}}', got {prompt_template!r}")
         if parser not in ranking.PARSERS:
             raise ValueError(f"task.parser must be one of {ranking.PARSERS}, got {parser!r}")
-        if catalogue not in CATALOGUES:
-            raise ValueError(f"task.catalogue must be one of {CATALOGUES}, got {catalogue!r}")
-        if knowledge_source not in KNOWLEDGE_SOURCES:
-            raise ValueError(f"task.knowledge_source must be one of {KNOWLEDGE_SOURCES}, got {knowledge_source!r}")
         if knowledge_source in ("crs_jsonl", "redial_conversations") and not knowledge_path:
             raise ValueError(f"task.knowledge_source={knowledge_source} needs task.knowledge_path")
-        if knowledge_source == "split" and not 0.0 < knowledge_fraction < 1.0:
-            raise ValueError(f"task.knowledge_fraction must be in (0, 1), got {knowledge_fraction}")
-        if oov_threshold < 0 or limit < 0 or n_knowledge < 0 or max_new_tokens < 1:
-            raise ValueError("task.oov_threshold, task.limit and task.n_knowledge must be >= 0, max_new_tokens >= 1")
         try:
             sentence_template.format(user="", titles="", response="")
         except (KeyError, IndexError) as err:
@@ -301,14 +322,13 @@ class CRSTask(Task):
         self.filter_oov, self.oov_threshold = filter_oov, oov_threshold
         self.exclude_seen, self.dedupe = exclude_seen, dedupe
         self.ks = tuple(ks or ranking.DEFAULT_KS)
-        if any(k < 1 for k in self.ks):
-            raise ValueError(f"task.ks must be positive, got {list(self.ks)}")
         self.knowledge_source, self.knowledge_path = knowledge_source, knowledge_path
         self.knowledge_fraction, self.n_knowledge, self.data_seed = knowledge_fraction, n_knowledge, data_seed
         self.sentence_template = sentence_template
         self._catalogue: Catalogue | None = None
         self._matcher: ranking.TitleMatcher | None = None
         self._split: tuple[list[CRSTurn], list[Dialogue]] | None = None
+        self.dropped: dict[str, int] = {}  # what the loaders dropped, by reason (in the record)
 
     # ------------------------------------------------------------------ data
     @property
@@ -327,7 +347,7 @@ class CRSTask(Task):
         """(evaluated turns, dialogues to inject), disjoint by construction."""
         if self._split is not None:
             return self._split
-        turns = load_crs_turns(self.dataset_dir / self.test_file, self.catalogue)
+        turns = load_crs_turns(self.dataset_dir / self.test_file, self.catalogue, self.dropped)
         if self.knowledge_source == "split":
             dialog_ids = list(dict.fromkeys(t.dialog_id for t in turns))
             random.Random(self.data_seed).shuffle(dialog_ids)
@@ -341,9 +361,13 @@ class CRSTask(Task):
             turns = [t for t in turns if t.dialog_id not in held_out]
         elif self.knowledge_source == "crs_jsonl":
             path = Path(self.knowledge_path)
-            dialogues = dialogues_from_turns(load_crs_turns(path, load_catalogue(path.parent)))
+            knowledge_dropped: dict[str, int] = {}
+            dialogues = dialogues_from_turns(load_crs_turns(path, load_catalogue(path.parent), knowledge_dropped))
+            self.dropped |= {f"knowledge/{k}": v for k, v in knowledge_dropped.items()}
         elif self.knowledge_source == "redial_conversations":
-            dialogues = load_redial_conversations(self.knowledge_path)
+            knowledge_dropped = {}
+            dialogues = load_redial_conversations(self.knowledge_path, knowledge_dropped)
+            self.dropped |= {f"knowledge/{k}": v for k, v in knowledge_dropped.items()}
         else:
             dialogues = []
         if self.n_knowledge:
@@ -488,4 +512,5 @@ class CRSTask(Task):
             "n_knowledge_dialogues": len(dialogues),
             "n_train_sentences": sum(len(d.recommendations) for d in dialogues),
             "catalogue_titles": len(self.matcher),
+            "dropped": dict(self.dropped),
         }

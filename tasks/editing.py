@@ -37,10 +37,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from core.io import read_json, read_jsonl, require_file
-from core.types import Answer, DataError, GenerationSpec, KBenchError, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
+from pydantic import Field
+
+from core.io import FirstSeen, read_records, text_field
+from core.options import checked
+from core.types import (
+    Answer, DataError, GenerationSpec, KBenchError, Knowledge, NonEmptyStr, NonNegativeInt, PositiveInt, Probe, ProbeSet,
+    Query, Step, TargetScore,
+)
 from metrics import editing as metrics
 from tasks.base import ProbeResult, Task
 from tasks.synthetic import KINDS, generate_items
@@ -82,82 +88,100 @@ class Edit:
 
 
 # ---------------------------------------------------------------------- loaders
-def read_records(path: str | Path, required: Sequence[str], expected_format: str) -> list[dict]:
-    """The objects of a JSON list or JSON-lines file; a missing field raises `DataError` naming the record."""
-    path = require_file(path, expected_format)
-    with path.open(encoding="utf-8") as handle:
-        first = handle.read(4096).lstrip()[:1]
-    if first != "[":
-        return list(read_jsonl(path, required=required, expected_format=expected_format))
-    records = read_json(path, expected_format)
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: record #{index} is a {type(record).__name__}, not an object. Expected {expected_format}.")
-        missing = [key for key in required if key not in record]
-        if missing:
-            raise DataError(f"{path}: record #{index} misses field(s) {missing}. Expected {expected_format}.")
-    return records
-
-
-def _strings(value: Any, field: str, where: str) -> tuple[str, ...]:
-    """A field that may hold one string or a list of strings, as a tuple (empty strings dropped)."""
+def _strings(value: Any, field: str, where: str, fmt: str) -> tuple[str, ...]:
+    """A field that may hold one string or a list of strings, as a tuple (empty strings kept: the
+    caller pairs prompts with answers before dropping empty pairs, so pairs never shift)."""
     if value is None:
         return ()
     if isinstance(value, str):
-        return (value,) if value.strip() else ()
+        return (value,)
     if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(v for v in value if v.strip())
-    raise DataError(f"{where}: field {field!r} must be a string or a list of strings, got {type(value).__name__}")
+        return tuple(value)
+    raise DataError(f"{where}: field {field!r} must be a string or a list of strings, got {type(value).__name__}. "
+                    f"Expected {fmt}.")
 
 
-def _locality(prompts: tuple[str, ...], answers: tuple[str, ...], kind: str, where: str) -> dict[str, tuple[str, ...]]:
+def _locality(prompts: tuple[str, ...], answers: tuple[str, ...], kind: str, where: str,
+              dropped: dict[str, int]) -> dict[str, tuple[str, ...]]:
     if len(prompts) != len(answers):
         raise DataError(f"{where}: {len(prompts)} locality prompt(s) but {len(answers)} answer(s)")
-    return {"locality_prompts": prompts, "locality_answers": answers, "locality_kinds": (kind,) * len(prompts)}
+    pairs = [(p, a) for p, a in zip(prompts, answers) if p.strip() and a.strip()]
+    dropped["empty_locality_pair"] += len(prompts) - len(pairs)  # an empty answer would score as agreement
+    return {"locality_prompts": tuple(p for p, _ in pairs), "locality_answers": tuple(a for _, a in pairs),
+            "locality_kinds": (kind,) * len(pairs)}
 
 
-def load_zsre(path: str | Path) -> tuple[list[Edit], int]:
-    """ZsRE edits from an EasyEdit/MEND JSON file, and the number of records skipped for an empty target."""
-    edits, skipped = [], 0
-    for index, row in enumerate(read_records(path, ("src", "alt", "rephrase", "loc", "loc_ans"), ZSRE_FORMAT)):
-        where = f"{path}: record #{index}"
-        if not str(row["alt"]).strip():
-            skipped += 1
+def _nonempty(texts: tuple[str, ...], dropped: dict[str, int], reason: str) -> tuple[str, ...]:
+    kept = tuple(t for t in texts if t.strip())
+    dropped[reason] = dropped.get(reason, 0) + len(texts) - len(kept)
+    return kept
+
+
+def _required_text(row: dict, key: str, where: str, fmt: str, dropped: dict[str, int]) -> str | None:
+    """A required string field; None, counted as an empty prompt or target, when it is empty after stripping."""
+    text = text_field(row, key, where, fmt)
+    if not text.strip():
+        reason = "empty_prompt" if key in ("src", "prompt") else "empty_target"
+        dropped[reason] += 1
+        return None
+    return text
+
+
+def empty_drops() -> dict[str, int]:
+    return {"empty_prompt": 0, "empty_target": 0, "empty_locality_pair": 0, "empty_rephrase": 0}
+
+
+def load_zsre(path: str | Path) -> tuple[list[Edit], dict[str, int]]:
+    """ZsRE edits from an EasyEdit/MEND JSON file, and the records (or prompts) dropped, by reason.
+    Fields must have their types (null is refused naming file:line); a record whose `src` or `alt` is
+    empty is dropped and counted, never scored."""
+    edits, dropped = [], empty_drops()
+    for index, (where, row) in enumerate(read_records(path, ("src", "alt", "rephrase", "loc", "loc_ans"), ZSRE_FORMAT)):
+        prompt, target = (_required_text(row, k, where, ZSRE_FORMAT, dropped) for k in ("src", "alt"))
+        if prompt is None or target is None:
             continue
-        answers = _strings(row.get("answers"), "answers", where)
+        answers = _nonempty(_strings(row.get("answers"), "answers", where, ZSRE_FORMAT), dropped, "empty_answers")
         edits.append(Edit(
             id=f"zsre-{index}",
-            prompt=str(row["src"]),
-            target_new=str(row["alt"]),
-            rephrase_prompts=_strings(row["rephrase"], "rephrase", where),
-            **_locality(_strings(row["loc"], "loc", where), _strings(row["loc_ans"], "loc_ans", where), "nq", where),
-            subject=row.get("subject"),
+            prompt=prompt,
+            target_new=target,
+            rephrase_prompts=_nonempty(_strings(row["rephrase"], "rephrase", where, ZSRE_FORMAT), dropped, "empty_rephrase"),
+            **_locality(_strings(row["loc"], "loc", where, ZSRE_FORMAT), _strings(row["loc_ans"], "loc_ans", where, ZSRE_FORMAT),
+                        "nq", where, dropped),
+            subject=text_field(row, "subject", where, ZSRE_FORMAT, optional=True),
             ground_truth=answers[0] if answers else None,
         ))
-    return edits, skipped
+    return edits, dropped
 
 
-def load_counterfact(path: str | Path) -> tuple[list[Edit], int]:
-    """CounterFact edits from the flat JSON format, and the number of records skipped for an empty target."""
+def load_counterfact(path: str | Path) -> tuple[list[Edit], dict[str, int]]:
+    """CounterFact edits from the flat JSON format, and the records (or prompts) dropped, by reason.
+    A `case_id` seen twice is refused naming both file:lines: the two edits would share one id, so the
+    second overwrote the first's pre-edit locality reference and edits.csv merged their rows."""
     required = ("prompt", "target_new", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
-    edits, skipped = [], 0
-    for index, row in enumerate(read_records(path, required, COUNTERFACT_FORMAT)):
-        where = f"{path}: record #{index}"
-        if not str(row["target_new"]).strip():
-            skipped += 1
+    edits, dropped, ids = [], empty_drops(), FirstSeen("case_id")
+    for index, (where, row) in enumerate(read_records(path, required, COUNTERFACT_FORMAT)):
+        case_id = row.get("case_id", index)
+        if isinstance(case_id, bool) or not isinstance(case_id, int | str) or not str(case_id).strip():
+            raise DataError(f"{where}: field 'case_id' must be a number or a non-empty string, got {case_id!r}. "
+                            f"Expected {COUNTERFACT_FORMAT}.")
+        ids.add(str(case_id), where)  # before dropping: a duplicate is a data error even if one is empty
+        prompt, target = (_required_text(row, k, where, COUNTERFACT_FORMAT, dropped) for k in ("prompt", "target_new"))
+        if prompt is None or target is None:
             continue
-        loc_prompts = _strings(row["locality_prompt"], "locality_prompt", where)
-        loc_answers = _strings(row["locality_ground_truth"], "locality_ground_truth", where)
+        loc_prompts = _strings(row["locality_prompt"], "locality_prompt", where, COUNTERFACT_FORMAT)
+        loc_answers = _strings(row["locality_ground_truth"], "locality_ground_truth", where, COUNTERFACT_FORMAT)
         edits.append(Edit(
-            id=f"cf-{row.get('case_id', index)}",
-            prompt=str(row["prompt"]),
-            target_new=str(row["target_new"]),
-            rephrase_prompts=_strings(row["rephrase_prompt"], "rephrase_prompt", where),
-            **_locality(loc_prompts, loc_answers, "same_relation", where),
-            subject=row.get("subject"),
-            ground_truth=row.get("ground_truth"),
+            id=f"cf-{case_id}",
+            prompt=prompt,
+            target_new=target,
+            rephrase_prompts=_nonempty(_strings(row["rephrase_prompt"], "rephrase_prompt", where, COUNTERFACT_FORMAT),
+                                       dropped, "empty_rephrase"),
+            **_locality(loc_prompts, loc_answers, "same_relation", where, dropped),
+            subject=text_field(row, "subject", where, COUNTERFACT_FORMAT, optional=True),
+            ground_truth=text_field(row, "ground_truth", where, COUNTERFACT_FORMAT, optional=True),
         ))
-    return edits, skipped
+    return edits, dropped
 
 
 def generate_synthetic_edits(
@@ -206,41 +230,34 @@ class EditingTask(Task):
 
     name = "editing"
 
+    @checked("task")
     def __init__(
         self,
-        source: str = "synthetic",
+        source: Literal["synthetic", "zsre", "counterfact"] = "synthetic",
         path: str | None = None,
         train_path: str | None = None,
-        n_edits: int = 50,
-        n_train: int = 100,
-        protocol: str = "sequential",
+        n_edits: PositiveInt = 50,
+        n_train: NonNegativeInt = 100,
+        protocol: Literal["sequential", "single"] = "sequential",
         prompt_template: str = "{prompt}",
         target_separator: str = " ",
-        max_rephrases: int = 0,
+        max_rephrases: NonNegativeInt = 0,
         generate: bool = True,
-        max_new_tokens: int = 16,
+        max_new_tokens: PositiveInt = 16,
         stop: list[str] | None = None,
         data_seed: int = 0,
         train_seed: int = 1,
         synthetic_template: str = "Question: {question}\nAnswer:",
-        general_questions: list[list[str]] | None = None,
+        general_questions: list[Annotated[list[NonEmptyStr], Field(min_length=2, max_length=2)]] | None = None,
     ) -> None:
-        if source not in SOURCES:
-            raise ValueError(f"task.source must be one of {SOURCES}, got {source!r}")
         if source != "synthetic" and not path:
             raise ValueError(f"task.source={source} needs task.path (the edits file)")
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"task.protocol must be one of {PROTOCOLS}, got {protocol!r}")
-        if n_edits < 1 or n_train < 0 or max_rephrases < 0:
-            raise ValueError("task.n_edits must be >= 1, task.n_train and task.max_rephrases >= 0")
         if "{prompt}" not in prompt_template:
             raise ValueError(f"task.prompt_template must contain '{{prompt}}', got {prompt_template!r}")
         if "{question}" not in synthetic_template:
             raise ValueError(f"task.synthetic_template must contain '{{question}}', got {synthetic_template!r}")
         if source == "synthetic" and data_seed == train_seed and n_train:
             raise ValueError("task.train_seed must differ from task.data_seed (the training split must be held out)")
-        if any(len(pair) != 2 for pair in general_questions or []):
-            raise ValueError("task.general_questions must be a list of [question, answer] pairs")
         self.source, self.path, self.train_path = source, path, train_path
         self.n_edits, self.n_train, self.protocol = n_edits, n_train, protocol
         self.prompt_template, self.target_separator, self.max_rephrases = prompt_template, target_separator, max_rephrases
@@ -252,15 +269,15 @@ class EditingTask(Task):
         self._edits: list[Edit] | None = None
         self._train: list[Edit] | None = None
         self._pre_edit_ids: dict[str, tuple[int, ...]] = {}
-        self.dropped: dict[str, int] = {"empty_target": 0, "train_overlapping_eval": 0}
+        self.dropped: dict[str, int] = {"train_overlapping_eval": 0}  # + what each file's loader dropped, by reason
 
     # ------------------------------------------------------------------ data
-    def _load(self, path: str | None, seed: int, count: int, id_prefix: str) -> list[Edit]:
+    def _load(self, path: str | None, seed: int, count: int, id_prefix: str, drop_prefix: str = "") -> list[Edit]:
         if self.source == "synthetic":
             return generate_synthetic_edits(count, seed, self.synthetic_template, self.general_questions, id_prefix)
         loader = load_zsre if self.source == "zsre" else load_counterfact
-        edits, skipped = loader(path)
-        self.dropped["empty_target"] += skipped
+        edits, dropped = loader(path)
+        self.dropped |= {f"{drop_prefix}{reason}": n for reason, n in dropped.items()}
         return edits
 
     @property
@@ -269,7 +286,9 @@ class EditingTask(Task):
         if self._edits is None:
             edits = self._load(self.path, self.data_seed, self.n_edits, "syn-edit")[: self.n_edits]
             if not edits:
-                raise DataError(f"task=editing found no edits in {self.path}")
+                dropped = {k: v for k, v in self.dropped.items() if v}
+                why = f"; dropped: {dropped}" if dropped else ""
+                raise DataError(f"task=editing found no edits in {self.path}{why}")
             if self.max_rephrases:
                 edits = [_trim_rephrases(e, self.max_rephrases) for e in edits]
             self._edits = edits
@@ -283,7 +302,7 @@ class EditingTask(Task):
                 self._train = []
             else:
                 # synthetic: more than needed, since the few colliding with evaluated edits are dropped
-                candidates = self._load(self.train_path, self.train_seed, self.n_train + self.n_edits, "syn-train")
+                candidates = self._load(self.train_path, self.train_seed, self.n_train + self.n_edits, "syn-train", "train/")
                 taken_prompts = {e.prompt for e in self.edits}
                 taken_subjects = {e.subject for e in self.edits if e.subject} if self.source == "synthetic" else set()
                 kept = [e for e in candidates if e.prompt not in taken_prompts and e.subject not in taken_subjects]

@@ -15,9 +15,10 @@ import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from core.types import Answer, Knowledge, ProbeSet, Step, TargetScore
+from core.options import checked
+from core.types import Answer, Knowledge, NonNegativeInt, PositiveInt, ProbeSet, Step, TargetScore
 from tasks.base import ProbeResult
 from tasks.context_qa import ContextQATask, QAItem
 
@@ -215,31 +216,28 @@ class SyntheticTask(ContextQATask):
 
     name = "synthetic"
 
+    @checked("task")
     def __init__(
         self,
-        n_contexts: int = 6,
-        facts_per_context: int = 4,
-        train_questions_per_fact: int = 3,
+        n_contexts: PositiveInt = 6,
+        facts_per_context: PositiveInt = 4,
+        train_questions_per_fact: NonNegativeInt = 3,
         data_seed: int = 0,
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
-        n_train_contexts: int = 0,
+        n_train_contexts: NonNegativeInt = 0,
         train_data_seed: int = 1,
-        probes: list[str] | None = None,
+        probes: list[Literal["qa", "near_miss", "conflict", "drift"]] | None = None,
         drift_text: str | None = None,
         drift_questions: str | None = None,
         **common,
     ) -> None:
         super().__init__(**common)
-        if n_contexts < 1 or facts_per_context < 1:
-            raise ValueError("task.n_contexts and task.facts_per_context must be >= 1")
         max_train = min(len(r.train_questions) for _, rels in KINDS.values() for r in rels)
-        if not 0 <= train_questions_per_fact <= max_train:
+        if train_questions_per_fact > max_train:
             raise ValueError(f"task.train_questions_per_fact must be in [0, {max_train}]")
         self.n_contexts, self.facts_per_context = n_contexts, facts_per_context
         self.train_questions_per_fact, self.data_seed = train_questions_per_fact, data_seed
         self.sentence_template = sentence_template
-        if n_train_contexts < 0:
-            raise ValueError("task.n_train_contexts must be >= 0")
         if n_train_contexts and train_data_seed == data_seed:
             raise ValueError("task.train_data_seed must differ from task.data_seed (the training split must be held out)")
         self.n_train_contexts, self.train_data_seed = n_train_contexts, train_data_seed

@@ -144,7 +144,7 @@ def test_redial_conversations_bad_input_names_the_place(tmp_path):
         load_redial_conversations(bad)
     missing = tmp_path / "missing.json"
     missing.write_text(json.dumps([{"messages": []}]))
-    with pytest.raises(DataError, match=r"missing.json\[0\]: missing 'messages' or 'initiatorWorkerId'"):
+    with pytest.raises(DataError, match=r"missing.json:1: missing field\(s\) \['initiatorWorkerId'\]"):
         load_redial_conversations(missing)
 
 
@@ -158,7 +158,7 @@ def test_malformed_crs_test_lines_name_file_and_line(mini_dataset):
     with pytest.raises(DataError, match=r"test.jsonl:2: not valid JSON"):
         mini_task(mini_dataset).steps()
     write_jsonl(path, [turn("d9", 1, [99], [], ["hi"], "x")])
-    with pytest.raises(DataError, match=r"turn d9/d9_t1: entity id 99 is not in entity2id.json"):
+    with pytest.raises(DataError, match=r"test.jsonl:1 \(turn d9/d9_t1\): entity id 99 is not in entity2id.json"):
         mini_task(mini_dataset).steps()
 
 

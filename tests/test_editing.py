@@ -39,8 +39,8 @@ def write_json(path: Path, rows, lines: bool = False) -> Path:
 # ---------------------------------------------------------------------- loaders
 @pytest.mark.parametrize("lines", [False, True])
 def test_zsre_loader_maps_the_easyedit_fields_and_skips_empty_targets(tmp_path, lines):
-    edits, skipped = load_zsre(write_json(tmp_path / "zsre.json", ZSRE, lines=lines))
-    assert skipped == 1 and len(edits) == 1
+    edits, dropped = load_zsre(write_json(tmp_path / "zsre.json", ZSRE, lines=lines))
+    assert dropped["empty_target"] == 1 and len(edits) == 1
     edit = edits[0]
     assert edit.prompt == "What university did Watts Humphrey attend?" and edit.target_new == "University of Michigan"
     assert edit.rephrase_prompts == ("What university did Watts Humphrey take part in?",)
@@ -50,8 +50,8 @@ def test_zsre_loader_maps_the_easyedit_fields_and_skips_empty_targets(tmp_path, 
 
 
 def test_counterfact_loader_accepts_string_or_list_fields(tmp_path):
-    edits, skipped = load_counterfact(write_json(tmp_path / "cf.json", COUNTERFACT))
-    assert skipped == 0 and [e.id for e in edits] == ["cf-0", "cf-7"]
+    edits, dropped = load_counterfact(write_json(tmp_path / "cf.json", COUNTERFACT))
+    assert not any(dropped.values()) and [e.id for e in edits] == ["cf-0", "cf-7"]
     assert edits[0].rephrase_prompts == ("Where Danielle Darrieux is from, people speak the language of",)
     assert edits[1].rephrase_prompts == ("Toko Yasuda is incredible at", "Toko Yasuda plays the")
     assert edits[1].locality_answers == ("guitar",) and edits[1].ground_truth == "guitar"
@@ -59,7 +59,7 @@ def test_counterfact_loader_accepts_string_or_list_fields(tmp_path):
 
 def test_loaders_name_the_broken_record(tmp_path):
     broken = [dict(COUNTERFACT[0]), {k: v for k, v in COUNTERFACT[1].items() if k != "locality_prompt"}]
-    with pytest.raises(DataError, match=r"record #1 misses field\(s\) \['locality_prompt'\]"):
+    with pytest.raises(DataError, match=r"cf.json:\d+: missing field\(s\) \['locality_prompt'\]"):
         load_counterfact(write_json(tmp_path / "cf.json", broken))
     with pytest.raises(DataError, match=r"line 2|:2:"):
         load_zsre(write_json(tmp_path / "z.jsonl", [ZSRE[0], {"src": "x"}], lines=True))

@@ -99,7 +99,7 @@ def test_empty_context_fails_the_run(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text('{"input": "", "prompt": "q", "answer": "a"}\n')
     record = run_in_process(tmp_path / "run", *TINY, "task=pwc", f"task.path={data}")
-    assert record["status"] == "failed" and "context #0 is empty" in record["error"]
+    assert record["status"] == "failed" and "field 'input' (the context) is empty" in record["error"]
 
 
 def test_missing_model_path_says_how_to_get_a_model(tmp_path):

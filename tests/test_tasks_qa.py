@@ -57,7 +57,7 @@ def test_pwc_shared_sample(shared_dir):
     rows = [json.loads(line) for line in open(shared_dir / "data/pwc/pwc_test_sample.jsonl")]
     kept = [r for r in rows if answer_length(r["answer"]) <= 5 and "above text" not in r["prompt"].lower()]
     assert sum(len(i.questions) for i in task.items) == len(kept) > 0
-    assert task.describe()["dropped_questions"]["long_answer"] == sum(answer_length(r["answer"]) > 5 for r in rows)
+    assert task.describe()["dropped"]["long_answer"] == sum(answer_length(r["answer"]) > 5 for r in rows)
     assert all(i.knowledge.context for i in task.items)
 
 
@@ -77,7 +77,7 @@ def test_pwc_groups_consecutive_rows_and_filters(tmp_path):
     task = PwCTask(path=str(path), drop_questions_containing=["above text"])
     assert [i.knowledge.context for i in task.items] == ["Ctx A", "Ctx B"]
     assert [[q for q, _ in i.questions] for i in task.items] == [["Q1?"], ["Q3?"]]
-    assert task.describe()["dropped_questions"] == {"long_answer": 1, "dropped_phrase": 1}
+    assert {k: v for k, v in task.describe()["dropped"].items() if v} == {"long_answer": 1, "dropped_phrase": 1}
     assert len(PwCTask(path=str(path), max_answer_tokens=0).items[0].questions) == 2
 
 
@@ -97,7 +97,7 @@ def test_pwc_malformed_line_names_file_line_and_field(tmp_path):
 
 def test_pwc_empty_context_is_an_error(tmp_path):
     path = _write(tmp_path, [{"input": "   ", "prompt": "q", "answer": "a"}])
-    with pytest.raises(DataError, match="context #0 is empty"):
+    with pytest.raises(DataError, match=r"pwc.jsonl:1: field .input. \(the context\) is empty"):
         PwCTask(path=str(path)).steps()
 
 
