@@ -89,7 +89,8 @@ class _ResidualMemory:
     """
 
     def __init__(self, module: torch.nn.Linear, decoder: torch.nn.Module) -> None:
-        self.weight = torch.zeros_like(module.weight, requires_grad=False)  # W_mem, [D_out, D]
+        # W_mem, [D_out, D], in fp32 whatever the model's dtype: its SGD steps (lr 1.0) round away in bf16
+        self.weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=False)
         self.columns: torch.Tensor | None = None  # training: the edit's mask as column indices
         self.trainable: torch.Tensor | None = None  # training: W_mem[:, columns] being optimised
         self.capture: list[torch.Tensor] | None = None
@@ -129,11 +130,12 @@ class _ResidualMemory:
             self.capture.append(x.detach())
             raise _StopForward
         if self.trainable is not None:
-            return output + F.linear(x.index_select(-1, self.columns), self.trainable)
+            # the fp32 trainable columns see an fp32 copy of the (maybe bf16) input; the sum keeps the layer's dtype
+            return output + F.linear(x.index_select(-1, self.columns).to(self.trainable.dtype), self.trainable).to(output.dtype)
         if self.lookup is None or self.row_masks is None:
             return None  # memory off for every row: the layer's own output, untouched
         # rows with the memory off have an all-zero mask: they add exact zeros
-        return output + F.linear(x * self.row_masks[:, None, :].to(x.dtype), self.weight)
+        return output + F.linear(x * self.row_masks[:, None, :].to(x.dtype), self.weight.to(device=x.device, dtype=x.dtype))
 
     @contextlib.contextmanager
     def training(self, columns: torch.Tensor, trainable: torch.Tensor) -> Iterator[None]:
@@ -238,7 +240,8 @@ class MemoirMethod(Method):
                 captured, self.memory.capture = self.memory.capture, None
             if not captured:
                 raise KBenchError(f"the hook on layer {self.layer_index} never ran: is the module on the forward path?")
-            weights = batch.target_mask.to(captured[0].dtype)[..., None]
+            # on the captured state's device (the layer's GPU when the model is split), not the inputs'
+            weights = batch.target_mask.to(device=captured[0].device, dtype=captured[0].dtype)[..., None]
             rows.append((captured[0] * weights).sum(1) / weights.sum(1))
         return torch.cat(rows).float()
 

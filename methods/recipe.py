@@ -407,7 +407,7 @@ class Recipe(Method):
         logits = lm.target_logits_with_vectors(vbatch)
         lengths = vbatch.predicted_mask.sum(1).tolist()
         n_rel, n_gen = sum(lengths[: len(rel)]), sum(lengths[len(rel) : len(rel) + len(gen)])
-        targets = vbatch.target_ids
+        targets = vbatch.target_ids.to(logits.device)  # logits live on the output head's device
         parts = {
             "reliability": _mean(*hinged_nll(logits[:n_rel], targets[:n_rel], k["edit_hinge"])),
             "generality": _mean(*hinged_nll(logits[n_rel : n_rel + n_gen], targets[n_rel : n_rel + n_gen], k["edit_hinge"])),
@@ -489,6 +489,8 @@ class Recipe(Method):
         decisions = []
         if len(self.ids):
             best, index = self.module.similarity(reps, self.keys).max(dim=1)
+            best, index = best.tolist(), index.tolist()  # one transfer per batch of queries, not one per query
+        sentinel = sentinel.tolist()
         for i in range(len(queries)):
             decision = {"sentinel": float(sentinel[i]), "similarity": None, "index": None}
             if len(self.ids):
