@@ -124,7 +124,8 @@ class LocalGenerator(_CachedGenerator):
         if self._generator_lm is None:
             from core.models import load_lm  # a separate generator model is loaded only when asked for
 
-            self._generator_lm = load_lm(self.model_name_or_path, device=str(lm.device))
+            # the dtype policy's auto: bf16 on CUDA, fp32 on CPU (it only generates: no trainable part)
+            self._generator_lm = load_lm(self.model_name_or_path, dtype="auto", device=str(lm.device))
         return self._generator_lm
 
     def identity(self, lm: LM) -> dict[str, Any]:
