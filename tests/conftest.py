@@ -19,6 +19,23 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
+def pytest_report_header(config) -> list[str]:
+    """The environment against the lock, first thing in the run (docs: README, "Dependencies")."""
+    from core.environment import drift_message, version_drift
+
+    message = drift_message(version_drift())
+    return [message] if message else ["kbench: installed versions match requirements.lock"]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Repeat a drift at the end, where a failure is read, so it is not taken for a kbench bug."""
+    from core.environment import drift_message, version_drift
+
+    message = drift_message(version_drift())
+    if message:
+        terminalreporter.write_line(message, yellow=True, bold=True)
+
+
 def compose_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
     """The config `run.py` would see for these overrides (`hydra_node`: keep Hydra's own node)."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
