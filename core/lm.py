@@ -17,14 +17,25 @@ functions train, score and generate that way. A row with k = 0 is the plain toke
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from core.progress import progress
-from core.types import GenerationSpec, TargetScore
+from core.types import GenerationSpec, KBenchError, TargetScore
+
+# Per-batch state a method attaches to rows: called with the indices (into the caller's list) of the
+# rows of one batch, in batch order, and entered around every forward pass of that batch (prefill and
+# each decoding step alike). Methods that change the forward per row (MEMOIR's masks) get the row
+# identities from here rather than by inspecting what `generate` passes to the model.
+RowState = Callable[[list[int]], contextlib.AbstractContextManager]
+
+
+def _no_row_state(rows: list[int]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -100,10 +111,58 @@ class LM:
         self.prompt_format = prompt_format
         self.batch_size = batch_size
         self.max_length = max_length
+        # sequences cut to fit max_length, and the tokens dropped; the experiment records them per phase
+        self.truncation = {"sequences": 0, "tokens_dropped": 0}
         self.start_ids = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         model.eval()
         model.requires_grad_(False)  # methods switch on exactly the weights they train
+        self.check_internals()
+
+    # ------------------------------------------------------------------ what kbench assumes of the model
+    @torch.no_grad()
+    def check_internals(self, probe: Sequence[int] | None = None) -> None:
+        """Check, on one short sequence, that the shortcuts this wrapper takes compute what the model's own
+        forward computes, so a model family or a transformers release that does things differently fails
+        here, by name, instead of scoring wrongly:
+        - `target_logits` runs the decoder, then the output head (with Gemma's final-logit soft-cap) on the
+          target positions only: its logits must equal `model(input_ids).logits` there (a head that also
+          scales its logits, e.g. Cohere's `logit_scale`, would not);
+        - `embed` + `inputs_embeds` (continuous prompts) must give the same hidden states as `input_ids`
+          (the embedding module must carry any embedding scale, as Gemma's does in transformers >= 5).
+        Raises KBenchError naming the model class and the difference."""
+        ids = list(probe) if probe is not None else [i % max(2, self.causal_lm.config.vocab_size) for i in range(3, 9)]
+        batch = self.collate([(ids[:2], ids[2:])])
+        full = self.causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        expected = full[:, :-1][batch.predicted_mask.to(full.device)]
+        ours = self.target_logits(batch).to(expected.device)
+        decoder = self.causal_lm.get_decoder()
+        by_ids = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state.float()
+        by_embeds = decoder(
+            inputs_embeds=self.embed(batch.input_ids[0].tolist())[None], attention_mask=batch.attention_mask
+        ).last_hidden_state.float()
+        low_precision = next(self.causal_lm.parameters()).dtype in (torch.float16, torch.bfloat16)
+        for what, a, b in (("output-head logits", ours, expected), ("inputs_embeds hidden states", by_embeds, by_ids)):
+            scale = max(1.0, float(b.abs().max()))
+            gap = float((a - b.to(a.device)).abs().max()) / scale
+            if gap > (2e-2 if low_precision else 1e-4):
+                raise KBenchError(
+                    f"kbench cannot score {type(self.causal_lm).__name__} ({self.name}) faithfully: its {what} "
+                    f"differ from the model's own forward by {gap:.2e} (relative). core/lm.py computes them "
+                    "through get_decoder() / get_output_embeddings() / get_input_embeddings(); this model "
+                    "family (or this transformers release) does something else there."
+                )
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        """The decoder's stack of layers (`model.model.layers` in Llama/Gemma/Mistral/Qwen); methods that
+        hook one layer (MEMOIR, the editors) find it here. Raises KBenchError for other layouts."""
+        layers = getattr(self.causal_lm.get_decoder(), "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList):
+            raise KBenchError(
+                f"{type(self.causal_lm).__name__} keeps its decoder layers elsewhere than get_decoder().layers; "
+                "layer-editing methods support Llama-style decoders (Llama, Gemma, Mistral, Qwen, SmolLM)"
+            )
+        return layers
 
     # ------------------------------------------------------------------ tokens and prompts
     @property
@@ -142,6 +201,24 @@ class LM:
         return ids + self.encode(prompt)
 
     # ------------------------------------------------------------------ batching
+    def _kept_start(self, ids: Sequence[int]) -> int:
+        """How many leading tokens a cut keeps: the start tokens (BOS), when the sequence begins with them."""
+        start = self.start_ids
+        return len(start) if start and list(ids[: len(start)]) == start else 0
+
+    def fit(self, ids: Sequence[int], room: int) -> list[int]:
+        """`ids` cut to at most `room` tokens (at least the start tokens + 1) and counted in `truncation`:
+        the start tokens stay, the oldest tokens after them go, so the model still sees a well-formed
+        input (BOS, the end of the context, the whole question) rather than one without its BOS."""
+        ids = list(ids)
+        keep = self._kept_start(ids)
+        room = max(room, keep + 1)
+        if len(ids) <= room:
+            return ids
+        self.truncation["sequences"] += 1
+        self.truncation["tokens_dropped"] += len(ids) - room
+        return ids[:keep] + ids[len(ids) - (room - keep):]
+
     def collate(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> TokenBatch:
         """Right-pad (prefix, target) id pairs into a batch; a too-long sequence loses its prefix start."""
         seqs, masks = [], []
@@ -150,8 +227,9 @@ class LM:
                 raise ValueError("empty target sequence")
             seq = list(prefix) + list(target)
             mask = [False] * len(prefix) + [True] * len(target)
-            if len(seq) > self.max_length:  # keep the target; drop the oldest prefix tokens
-                seq, mask = seq[-self.max_length :], mask[-self.max_length :]
+            if len(seq) > self.max_length:  # keep the start tokens and the target; drop the oldest prefix tokens
+                keep, cut = self._kept_start(seq), self.fit(seq, self.max_length)
+                seq, mask = cut, mask[:keep] + mask[len(mask) - (len(cut) - keep) :]
             seqs.append(seq)
             masks.append(mask)
         width = max(map(len, seqs))
@@ -210,12 +288,18 @@ class LM:
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def score(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[TargetScore]:
-        """Teacher-forced log-probability and greedy token accuracy of each target given its prefix."""
+    def score(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], row_state: RowState | None = None
+    ) -> list[TargetScore]:
+        """Teacher-forced log-probability and greedy token accuracy of each target given its prefix.
+        `row_state(rows)` (optional) is entered around each batch's forward with that batch's row indices."""
+        row_state = row_state or _no_row_state
         results: list[TargetScore] = []
-        for chunk in self.batches(list(pairs), desc="score"):
-            batch = self.collate(chunk)
-            results += target_scores(self.target_logits(batch), batch.target_ids, batch.target_lengths)
+        for rows in self.batches(list(range(len(pairs))), desc="score"):
+            batch = self.collate([pairs[i] for i in rows])
+            with row_state(list(rows)):
+                logits = self.target_logits(batch)
+            results += target_scores(logits, batch.target_ids, batch.target_lengths)
         return results
 
     def _greedy_config(self, spec: GenerationSpec) -> GenerationConfig:
@@ -228,25 +312,31 @@ class LM:
         )
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], spec: GenerationSpec) -> list[str]:
-        """Greedy continuations of tokenised prompts, cut at the first stop string and stripped."""
+    def generate(
+        self, prompts: Sequence[Sequence[int]], spec: GenerationSpec, row_state: RowState | None = None
+    ) -> list[str]:
+        """Greedy continuations of tokenised prompts, cut at the first stop string and stripped.
+        `row_state(rows)` (optional) is entered around each batch's whole `generate` call (prefill and
+        every decoding step) with the indices of that batch's prompts, in batch row order."""
+        row_state = row_state or _no_row_state
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
         outputs: dict[int, str] = {}
         config = self._greedy_config(spec)
         for chunk in self.batches(order, desc="generate"):
-            seqs = [list(prompts[i])[-self.max_length :] for i in chunk]
+            seqs = [self.fit(prompts[i], self.max_length - spec.max_new_tokens) for i in chunk]
             width = max(map(len, seqs))
             input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
             attention = torch.zeros((len(seqs), width), dtype=torch.long)
             for row, seq in enumerate(seqs):  # left padding keeps every prompt's end at the same column
                 input_ids[row, width - len(seq) :] = torch.tensor(seq)
                 attention[row, width - len(seq) :] = 1
-            generated = self.model.generate(
-                input_ids=input_ids.to(self.device),
-                attention_mask=attention.to(self.device),
-                generation_config=config,
-                tokenizer=self.tokenizer,
-            )
+            with row_state(list(chunk)):
+                generated = self.model.generate(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=attention.to(self.device),
+                    generation_config=config,
+                    tokenizer=self.tokenizer,
+                )
             for row, index in enumerate(chunk):
                 outputs[index] = cut_at_stop(self.decode(generated[row, width:].tolist()), spec.stop)
         return [outputs[i] for i in range(len(prompts))]
@@ -275,7 +365,7 @@ class LM:
             eos_token_id=self.tokenizer.eos_token_id,
             stop_strings=list(spec.stop) or None,
         )
-        input_ids = torch.tensor([list(prompt)[-self.max_length :]], device=self.device)
+        input_ids = torch.tensor([self.fit(prompt, self.max_length - spec.max_new_tokens)], device=self.device)
         generated = self.model.generate(input_ids=input_ids, generation_config=config, tokenizer=self.tokenizer)
         return [cut_at_stop(self.decode(row[input_ids.shape[1] :].tolist()), spec.stop) for row in generated]
 
@@ -373,7 +463,13 @@ class LM:
                 attention[r, width - len(rows[index]) :] = 1
             generated = self.model.generate(
                 inputs_embeds=embeds, attention_mask=attention, generation_config=config, tokenizer=self.tokenizer
-            )  # with inputs_embeds only, generate returns the new tokens alone
+            )  # with inputs_embeds only, generate returns the new tokens alone (decoder-only models)
+            if generated.shape[1] > config.max_new_tokens:
+                raise KBenchError(
+                    f"generate(inputs_embeds=...) returned {generated.shape[1]} tokens for max_new_tokens="
+                    f"{config.max_new_tokens}: this transformers release returns the prompt too; core/lm.py "
+                    "generate_with_vectors must cut it"
+                )
             for r, index in enumerate(chunk):
                 outputs[index] = cut_at_stop(self.decode(generated[r].tolist()), spec.stop)
         return [outputs[i] for i in range(len(rows))]

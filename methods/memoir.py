@@ -22,7 +22,8 @@ features fired).
 - Inference (`answer`, `score`): the query's mask m_q is compared with every stored mask,
   overlap_e = |m_q ∩ m_e| / k. If the best overlap ≥ `threshold`, that edit's stored mask is applied at
   every position of the sequence (prompt and generated tokens); otherwise the memory is off and the
-  layer's output is exactly W x (locality). Each query is routed on its own; batches mix rows freely.
+  layer's output is exactly W x (locality). Each query is routed on its own, once, before its forward
+  pass; the LM wrapper hands each batch's rows to the memory, so batches mix rows freely.
 - Edits come from `Knowledge.meta` (`prompt`, `target`: task=editing) or, for QA tasks, from each
   training sentence split at its last `answer_marker` ("Question: q\\nAnswer:" | " a").
 - Background prompts (no download): `background_source=training` uses the prompts of the task's
@@ -41,14 +42,19 @@ import contextlib
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from core.lm import LM
+from core.options import checked
 from core.progress import progress
-from core.types import Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, Query, TargetScore
+from core.types import (
+    Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat, PositiveFloat, PositiveInt, Query,
+    TargetScore, UnitFloat,
+)
 from methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -79,63 +85,43 @@ class _StopForward(Exception):
 
 
 class _ResidualMemory:
-    """The hooks that add W_mem[:, m] x[m] to the down-projection's output.
+    """The forward hook that adds W_mem[:, m] x[m] to the down-projection's output.
 
     Three modes: `capture` (record the projection's input and stop the forward), training (one edit's
-    columns with a trainable copy of them), and routed inference: inside `routing(lookup)`, a pre-hook
-    on the decoder maps every batch row (its unpadded tokens) to the mask chosen for it, so one
-    batched `generate` / `score` call can mix rows with different masks and rows with the memory off.
-    Outside these modes the hook adds nothing.
+    columns with a trainable copy of them), and routed inference: inside `rows(masks)`, row b of every
+    forward pass gets mask `masks[b]` (all-False = memory off). The LM wrapper enters `rows` around each
+    batch with that batch's rows (`LM.generate` / `LM.score`'s `row_state`), so the masks are decided
+    once per prompt, before the forward, and a decoding step keeps its row's mask by construction; the
+    hook reads nothing of how `generate` calls the model. Outside these modes the hook adds nothing.
     """
 
-    def __init__(self, module: torch.nn.Linear, decoder: torch.nn.Module) -> None:
+    def __init__(self, module: torch.nn.Linear) -> None:
         # W_mem, [D_out, D], in fp32 whatever the model's dtype: its SGD steps (lr 1.0) round away in bf16
         self.weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=False)
         self.columns: torch.Tensor | None = None  # training: the edit's mask as column indices
         self.trainable: torch.Tensor | None = None  # training: W_mem[:, columns] being optimised
         self.capture: list[torch.Tensor] | None = None
-        self.lookup: dict[tuple[int, ...], torch.Tensor | None] | None = None  # row tokens -> mask (or None: off)
-        self.row_masks: torch.Tensor | None = None  # [B, D] masks of the current batch's rows (0 = off)
-        self.handles = [
-            module.register_forward_hook(self._add_memory),
-            decoder.register_forward_pre_hook(self._route_rows, with_kwargs=True),
-        ]
+        self.row_masks: torch.Tensor | None = None  # [B, D] masks of the current batch's rows; None: all off
+        self.handles = [module.register_forward_hook(self._add_memory, with_kwargs=True)]
 
-    def _route_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.lookup is None:
-            return
-        cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
-            return  # a decoding step of `generate`: the rows keep the masks chosen at prefill
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if input_ids is None:
-            raise KBenchError("method=memoir routes batch rows by their token ids; this forward passed none")
-        attention = kwargs.get("attention_mask")
-        masks = []
-        for row in range(input_ids.shape[0]):
-            ids = input_ids[row] if attention is None else input_ids[row][attention[row].bool()]
-            key = tuple(ids.tolist())
-            if key not in self.lookup:
-                raise KBenchError("method=memoir: a batch row matches no routed query (was it cut to model.max_length?)")
-            masks.append(self.lookup[key])
-        if all(mask is None for mask in masks):
-            self.row_masks = None
-        else:
-            off = torch.zeros(self.weight.shape[1], dtype=torch.bool, device=self.weight.device)
-            self.row_masks = torch.stack([off if mask is None else mask for mask in masks])
-
-    def _add_memory(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        x = args[0]
+    def _add_memory(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
+        x = args[0] if args else kwargs["input"]  # nn.Linear.forward(input)
         if self.capture is not None:
             self.capture.append(x.detach())
             raise _StopForward
         if self.trainable is not None:
             # the fp32 trainable columns see an fp32 copy of the (maybe bf16) input; the sum keeps the layer's dtype
             return output + F.linear(x.index_select(-1, self.columns).to(self.trainable.dtype), self.trainable).to(output.dtype)
-        if self.lookup is None or self.row_masks is None:
+        if self.row_masks is None:
             return None  # memory off for every row: the layer's own output, untouched
+        if x.shape[0] != self.row_masks.shape[0]:
+            raise KBenchError(
+                f"method=memoir: a forward pass of {x.shape[0]} rows inside a routing session for "
+                f"{self.row_masks.shape[0]} rows (the LM wrapper must enter `rows` once per batch)"
+            )
         # rows with the memory off have an all-zero mask: they add exact zeros
-        return output + F.linear(x * self.row_masks[:, None, :].to(x.dtype), self.weight.to(device=x.device, dtype=x.dtype))
+        masks = self.row_masks[:, None, :].to(device=x.device, dtype=x.dtype)
+        return output + F.linear(x * masks, self.weight.to(device=x.device, dtype=x.dtype))
 
     @contextlib.contextmanager
     def training(self, columns: torch.Tensor, trainable: torch.Tensor) -> Iterator[None]:
@@ -146,12 +132,17 @@ class _ResidualMemory:
             self.columns, self.trainable = None, None
 
     @contextlib.contextmanager
-    def routing(self, lookup: dict[tuple[int, ...], torch.Tensor | None]) -> Iterator[None]:
-        self.lookup, self.row_masks = lookup, None
+    def rows(self, masks: Sequence[torch.Tensor | None]) -> Iterator[None]:
+        """Apply `masks[b]` (`[D]` bool, or None: memory off) to row b of every forward inside."""
+        if all(mask is None for mask in masks):
+            self.row_masks = None
+        else:
+            off = torch.zeros(self.weight.shape[1], dtype=torch.bool, device=self.weight.device)
+            self.row_masks = torch.stack([off if mask is None else mask.to(off.device) for mask in masks])
         try:
             yield
         finally:
-            self.lookup, self.row_masks = None, None
+            self.row_masks = None
 
 
 class MemoirMethod(Method):
@@ -159,38 +150,29 @@ class MemoirMethod(Method):
 
     name = "memoir"
 
+    @checked("method")
     def __init__(
         self,
         lm: LM,
         layer: int = -3,
         module: str = "mlp.down_proj",
-        density: float = 0.2857,
-        threshold: float = 0.4,
-        lr: float = 1.0,
-        iterations: int = 30,
-        max_grad_norm: float = 1.0,
-        weight_decay: float = 1e-5,
-        stop_loss: float = 0.02,
+        density: Annotated[float, Field(gt=0, le=1)] = 0.2857,
+        threshold: UnitFloat = 0.4,
+        lr: PositiveFloat = 1.0,
+        iterations: PositiveInt = 30,
+        max_grad_norm: NonNegativeFloat = 1.0,
+        weight_decay: NonNegativeFloat = 1e-5,
+        stop_loss: NonNegativeFloat = 0.02,
         target_suffix: str = "\n",
         answer_marker: str = "\nAnswer:",
-        background_source: str = "auto",
-        n_background: int = 100,
-        background_tokens: int = 32,
-        calibrate_threshold: float | None = None,
+        background_source: Literal["auto", "training", "model"] = "auto",
+        n_background: PositiveInt = 100,
+        background_tokens: PositiveInt = 32,
+        calibrate_threshold: Annotated[float, Field(gt=0, le=1)] | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(lm)
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"method.density must be in (0, 1], got {density}")
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"method.threshold must be in [0, 1], got {threshold}")
-        if background_source not in BACKGROUND_SOURCES:
-            raise ValueError(f"method.background_source must be one of {BACKGROUND_SOURCES}, got {background_source!r}")
-        if calibrate_threshold is not None and not 0.0 < calibrate_threshold <= 1.0:
-            raise ValueError(f"method.calibrate_threshold must be null or in (0, 1], got {calibrate_threshold}")
-        if iterations < 1 or n_background < 1:
-            raise ValueError("method.iterations and method.n_background must be >= 1")
-        layers = lm.causal_lm.get_decoder().layers
+        layers = lm.decoder_layers()
         if not -len(layers) <= layer < len(layers):
             raise ValueError(f"method.layer={layer} is out of range: the model has {len(layers)} layers")
         self.layer_index = layer % len(layers)
@@ -207,7 +189,7 @@ class MemoirMethod(Method):
         self.seed = seed
         generator = torch.Generator().manual_seed(seed)
         self.permutation = torch.randperm(self.dim, generator=generator).to(self.target_module.weight.device)
-        self.memory = _ResidualMemory(self.target_module, lm.causal_lm.get_decoder())
+        self.memory = _ResidualMemory(self.target_module)
         self.background_mean: torch.Tensor | None = None
         self.background_used: str | None = None
         self.masks = torch.zeros((0, self.dim), dtype=torch.bool, device=self.target_module.weight.device)
@@ -348,16 +330,14 @@ class MemoirMethod(Method):
         self.edit_losses.append((losses[0], losses[-1], len(losses)))
 
     # ------------------------------------------------------------------ inference
-    def _routed(self, rows: Sequence[list[int]], decisions: Sequence[tuple[int | None, float]]):
-        """The routing session for these rows (their full token sequences) and their decisions."""
-        lookup = {tuple(ids): (None if edit is None else self.masks[edit]) for ids, (edit, _) in zip(rows, decisions)}
-        return self.memory.routing(lookup)
+    def _row_state(self, decisions: Sequence[tuple[int | None, float]]):
+        """`LM.generate` / `LM.score`'s per-batch hook: the rows' stored masks (None: memory off)."""
+        masks = [None if edit is None else self.masks[edit] for edit, _ in decisions]
+        return lambda rows: self.memory.rows([masks[i] for i in rows])
 
     def answer(self, queries: Sequence[Query], generation: GenerationSpec) -> list[Answer]:
         decisions = self.route(queries)
-        prompts = [self.prompt_ids(q) for q in queries]
-        with self._routed(prompts, decisions):
-            texts = self.lm.generate(prompts, generation)
+        texts = self.lm.generate([self.prompt_ids(q) for q in queries], generation, row_state=self._row_state(decisions))
         return [
             Answer(text, meta={"memoir_edit": None if edit is None else self.edit_ids[edit], "overlap": round(overlap, 4)})
             for text, (edit, overlap) in zip(texts, decisions)
@@ -366,8 +346,7 @@ class MemoirMethod(Method):
     def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         decisions = self.route(queries)
         pairs = [(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)]
-        with self._routed([prefix + target for prefix, target in pairs], decisions):
-            return self.lm.score(pairs)
+        return self.lm.score(pairs, row_state=self._row_state(decisions))
 
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:
