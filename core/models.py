@@ -11,16 +11,19 @@ import importlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from core.io import cache_dir, stable_hash
+from core.io import cache_dir, note_input, stable_hash
 from core.lm import LM
+from core.progress import heartbeat
 from core.types import KBenchError
 
 log = logging.getLogger(__name__)
@@ -64,8 +67,9 @@ def materialise_embedded(name: str) -> Path:
             return folder
         gguf = EMBEDDED_MODELS[name]()
         log.info("converting %s once into %s (about a minute)", gguf.name, folder)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with heartbeat(f"reading {gguf.name} (dequantising; about a minute, once)"):  # one opaque call
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         config = quantised.config
         del config.quantization_config  # the dequantised weights are plain fp32 tensors
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -146,10 +150,49 @@ def tf32_enabled() -> bool:
     return matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else bool(matmul.allow_tf32)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None. Decided at once: without this check a hub id
+    on an offline machine costs ~50 s of transformers' retries before failing. HF_HUB_OFFLINE /
+    TRANSFORMERS_OFFLINE say so outright; otherwise one TCP connection to the endpoint, 3 s at most."""
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set"
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        return f"no connection to {host}:{port} within 3 s ({err})"
+    return None
+
+
+def _weight_files(folder: Path, allow_pickle: bool, name: str) -> list[Path]:
+    """The weight files a local model folder would be loaded from. A folder with only pickled weights
+    (pytorch_model.bin, ...) is refused unless `allow_pickle`: unpickling can run arbitrary code."""
+    safe = sorted(folder.glob("*.safetensors"))
+    if safe:
+        return safe
+    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles and not allow_pickle:
+        raise KBenchError(
+            f"model {name!r} has only pickled weights ({', '.join(f.name for f in pickles)}): loading a pickle "
+            "can run arbitrary code, so kbench loads safetensors only. Convert them (load once where you trust "
+            "the file, then save_pretrained(..., safe_serialization=True)), or set model.allow_pickle=true "
+            "if you trust this folder."
+        )
+    return pickles
+
+
 def load_pretrained(
-    name_or_path: str, dtype: str, device: str, trust_remote_code: bool
+    name_or_path: str, dtype: str, device: str, trust_remote_code: bool, allow_pickle: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer from a local folder, an embedded package, or the hub."""
+    """Load a causal LM and its tokenizer from a local folder, an embedded package, or the hub.
+    Weights are read from safetensors only, unless `allow_pickle` (warned); a hub id is tried only
+    when the hub is reachable, else from the local hub cache alone, failing at once if it is not there."""
+    offline_reason = None
     if name_or_path in EMBEDDED_MODELS:
         source: str | Path = materialise_embedded(name_or_path)
     else:
@@ -159,16 +202,31 @@ def load_pretrained(
             raise KBenchError(f"model path does not exist: {source}. {HOW_TO_GET_A_MODEL}")
         if not looks_local:
             source = name_or_path  # a hub id; works when the hub or its local cache is reachable
+            offline_reason = hub_unreachable()
+    if isinstance(source, Path):
+        for weights in _weight_files(source, allow_pickle, name_or_path):
+            note_input(weights)  # other weights in the same folder: another run (runners/resume.py)
+    if allow_pickle:
+        log.warning("model.allow_pickle=true: %s may be loaded from pickled weights, which can run arbitrary "
+                    "code; only do this for files you trust", name_or_path)
+    hub = {"local_files_only": True} if offline_reason else {}
     policy = dtype_policy(dtype, device)
     apply_backend_settings(policy)
     placement = {"device_map": "auto"} if device == "auto" else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=policy.model, trust_remote_code=trust_remote_code, **placement
+            source, dtype=policy.model, trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True, **hub, **placement,
         )
     except OSError as err:
-        raise KBenchError(f"could not load model {name_or_path!r}: {err}. {HOW_TO_GET_A_MODEL}") from None
+        if offline_reason:
+            raise KBenchError(
+                f"model {name_or_path!r} is not a local folder, so it was taken as a Hugging Face hub id, but the "
+                f"hub is unreachable ({offline_reason}) and the local hub cache does not hold it. "
+                f"{HOW_TO_GET_A_MODEL}") from None
+        pickle_hint = "" if allow_pickle else " (kbench loads safetensors only: model.allow_pickle=true allows pickles)"
+        raise KBenchError(f"could not load model {name_or_path!r}: {err}{pickle_hint}. {HOW_TO_GET_A_MODEL}") from None
     if device != "auto":
         model.to(device)
     return model, tokenizer
@@ -179,6 +237,7 @@ def load_lm(
     dtype: str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     context_template: str = "{context}\n",
     prompt_format: str = "plain",
     add_bos: bool = True,
@@ -186,7 +245,7 @@ def load_lm(
     max_length: int = 2048,
 ) -> LM:
     """Hydra target of `conf/model/*.yaml` for real models."""
-    model, tokenizer = load_pretrained(name_or_path, dtype, device, trust_remote_code)
+    model, tokenizer = load_pretrained(name_or_path, dtype, device, trust_remote_code, allow_pickle)
     return LM(
         model,
         tokenizer,

@@ -19,8 +19,9 @@ import re
 from abc import ABC, abstractmethod
 from typing import Any
 
-from core.io import atomic_write_json, cache_dir, read_json, stable_hash
+from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
 from core.lm import LM
+from core.progress import progress
 from core.types import GenerationSpec, KBenchError, Knowledge
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,15 @@ class _CachedGenerator(SentenceSource):
         if path.is_file():
             return read_json(path, "a cached JSON list of sentences")
         pairs: list[tuple[str, str]] = []
-        for attempt in range(self.max_attempts):
-            pairs += [p for p in self.generate_pairs(knowledge.context, lm, attempt) if p not in pairs]
-            if len(pairs) >= self.n_sentences:
-                break
+        # each attempt samples and answers a batch: seconds on CPU, so a sweep's first run shows it
+        with progress(total=self.n_sentences, desc=f"sentences for {knowledge.id}") as bar:
+            for attempt in range(self.max_attempts):
+                new = [p for p in self.generate_pairs(knowledge.context, lm, attempt) if p not in pairs]
+                pairs += new
+                bar.update(min(len(new), max(self.n_sentences - bar.n, 0)))
+                bar.set_postfix(attempt=f"{attempt + 1}/{self.max_attempts}")
+                if len(pairs) >= self.n_sentences:
+                    break
         if not pairs:
             raise KBenchError(
                 f"{type(self).__name__} produced no 'Question: ... Answer: ...' pair for {knowledge.id!r} "
@@ -90,6 +96,7 @@ class _CachedGenerator(SentenceSource):
             log.warning("only %d of %d sentences generated for %s", len(pairs), self.n_sentences, knowledge.id)
         sentences = [self.sentence_template.format(question=q, answer=a) for q, a in pairs[: self.n_sentences]]
         atomic_write_json(path, sentences)
+        note_input(path)  # what later runs read from the cache: part of this run's inputs too
         return sentences
 
 
