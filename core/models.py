@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
+from typing import Literal
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from core.io import cache_dir, note_input, stable_hash
 from core.lm import LM
 from core.progress import heartbeat
-from core.types import KBenchError
+from core.types import KBenchError, NonNegativeInt, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -239,10 +240,10 @@ def load_lm(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     context_template: str = "{context}\n",
-    prompt_format: str = "plain",
+    prompt_format: Literal["plain", "chat"] = "plain",
     add_bos: bool = True,
-    batch_size: int = 8,
-    max_length: int = 2048,
+    batch_size: PositiveInt = 8,  # 0 failed deep inside the LM wrapper (range() arg 3 must not be zero)
+    max_length: PositiveInt = 2048,
 ) -> LM:
     """Hydra target of `conf/model/*.yaml` for real models."""
     model, tokenizer = load_pretrained(name_or_path, dtype, device, trust_remote_code, allow_pickle)
@@ -319,16 +320,16 @@ def _pretrain_copying(model: PreTrainedModel, vocab_size: int, steps: int, seed:
 
 
 def tiny_lm(
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vocab_size: int = 384,
-    copy_pretrain_steps: int = 600,
+    hidden_size: PositiveInt = 64,
+    num_layers: PositiveInt = 2,
+    num_heads: PositiveInt = 4,
+    vocab_size: PositiveInt = 384,
+    copy_pretrain_steps: NonNegativeInt = 600,
     seed: int = 0,
     device: str = "cpu",
     context_template: str = "{context}\n",
-    batch_size: int = 8,
-    max_length: int = 4096,
+    batch_size: PositiveInt = 8,
+    max_length: PositiveInt = 4096,
 ) -> LM:
     """Hydra target of `conf/model/tiny.yaml`: a seeded Llama-architecture model built from a config.
 

@@ -27,10 +27,13 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from core.io import atomic_write_json, read_json
-from core.types import Answer, GenerationSpec, KBenchError, Knowledge, Query, TargetScore
+from core.options import checked
+from core.types import (
+    Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveInt, Query, TargetScore, UnitFloat,
+)
 from methods.base import Method
 from methods.retrievers import DenseIndex, DprEncoder, SentenceEncoder, WordTokenizer, bm25_index, chunk_spans
 from metrics.retrieval import RETRIEVED_KNOWLEDGE_IDS
@@ -56,20 +59,19 @@ class RagMethod(Method):
 
     name = "rag"
 
+    @checked("method")
     def __init__(
         self,
         lm,
-        top_k: int = 3,
-        chunk_tokens: int = 256,
-        chunk_overlap: int = 32,
+        top_k: PositiveInt = 3,
+        chunk_tokens: NonNegativeInt = 256,  # 0 = never split
+        chunk_overlap: NonNegativeInt = 32,
         passage_template: str = "{text}",
         passage_separator: str = "\n",
         save_dir: str | None = None,
         load_dir: str | None = None,
     ) -> None:
         super().__init__(lm)
-        if top_k < 1:
-            raise ValueError(f"method.top_k must be >= 1, got {top_k}")
         chunk_spans(0, chunk_tokens, chunk_overlap)  # validates the chunking knobs
         try:
             passage_template.format(text="", rank=1)
@@ -237,14 +239,15 @@ class RagBm25(RagMethod):
 
     name = "rag_bm25"
 
+    @checked("method")
     def __init__(
         self,
         lm,
-        k1: float = 1.5,
-        b: float = 0.75,
-        epsilon: float = 0.25,
-        stopwords: str | list[str] | None = "english",
-        backend: str = "sparse",
+        k1: NonNegativeFloat = 1.5,
+        b: UnitFloat = 0.75,
+        epsilon: NonNegativeFloat = 0.25,
+        stopwords: Literal["english", "none"] | list[str] | None = "english",
+        backend: Literal["sparse", "rank_bm25"] = "sparse",
         **common,
     ) -> None:
         self.knobs = {"k1": k1, "b": b, "epsilon": epsilon}
@@ -280,6 +283,7 @@ class RagDense(RagMethod):
 
     name = "rag_dense"
 
+    @checked("method")
     def __init__(
         self,
         lm,
@@ -287,16 +291,16 @@ class RagDense(RagMethod):
         dpr_question_encoder: str | None = None,
         dpr_context_encoder: str | None = None,
         normalize: bool = True,
-        encode_batch_size: int = 64,
+        encode_batch_size: PositiveInt = 64,
         encoder_device: str = "cpu",
-        index: str = "flat",
-        hnsw_m: int = 32,
-        hnsw_ef_construction: int = 80,
-        hnsw_ef_search: int = 64,
-        ivf_nlist: int = 256,
-        ivf_nprobe: int = 16,
-        ivf_train_per_list: int = 39,
-        flat_numpy_below: int = 64,
+        index: Literal["flat", "hnsw", "ivf"] = "flat",
+        hnsw_m: PositiveInt = 32,
+        hnsw_ef_construction: PositiveInt = 80,
+        hnsw_ef_search: PositiveInt = 64,
+        ivf_nlist: PositiveInt = 256,
+        ivf_nprobe: PositiveInt = 16,
+        ivf_train_per_list: PositiveInt = 39,
+        flat_numpy_below: NonNegativeInt = 64,
         **common,
     ) -> None:
         if encoder == "dpr":

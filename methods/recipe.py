@@ -53,19 +53,24 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.encoder import load_sentence_encoder
 from core.io import atomic_write_json, cache_dir, read_json, stable_hash
 from core.lm import LM
+from core.options import ConfigError, checked
 from core.progress import progress
 from core.training import train
-from core.types import Answer, GenerationSpec, KBenchError, Knowledge, Query, TargetScore
+from core.types import (
+    Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Query,
+    TargetScore,
+)
 from methods.base import Method
 
 log = logging.getLogger(__name__)
@@ -211,42 +216,37 @@ class Recipe(Method):
 
     name = "recipe"
 
+    @checked("method")
     def __init__(
         self,
         lm: LM,
         encoder: str = "embedded:all-minilm-l6-v2",
-        encoder_batch_size: int = 64,
-        prompt_tokens: int = 3,
-        rep_dim: int = 256,
-        lr: float = 1e-3,
-        epochs: int = 2,
-        retrieval_epochs: int = 20,
-        batch_size: int = 8,
-        weight_decay: float = 0.0,
-        max_grad_norm: float = 1.0,
-        reliability_weight: float = 1.0,
-        generality_weight: float = 1.0,
-        locality_weight: float = 1.0,
-        contrastive_weight: float = 1.0,
-        similarity: str = "cosine",
-        temperature: float = 20.0,
-        contrastive_hinge: float = 1.2,
-        edit_hinge: float = 1.2,
-        contrastive_negatives: int = 64,
-        max_locality_per_edit: int = 1,
+        encoder_batch_size: PositiveInt = 64,
+        prompt_tokens: PositiveInt = 3,
+        rep_dim: PositiveInt = 256,
+        lr: PositiveFloat = 1e-3,
+        epochs: NonNegativeInt = 2,
+        retrieval_epochs: NonNegativeInt = 20,
+        batch_size: PositiveInt = 8,
+        weight_decay: NonNegativeFloat = 0.0,
+        max_grad_norm: NonNegativeFloat = 1.0,
+        reliability_weight: NonNegativeFloat = 1.0,
+        generality_weight: NonNegativeFloat = 1.0,
+        locality_weight: NonNegativeFloat = 1.0,
+        contrastive_weight: NonNegativeFloat = 1.0,
+        similarity: Literal["cosine", "dot"] = "cosine",
+        temperature: PositiveFloat = 20.0,
+        contrastive_hinge: Annotated[float, Field(ge=1)] = 1.2,  # a large value = no hinge
+        edit_hinge: Annotated[float, Field(ge=1)] = 1.2,
+        contrastive_negatives: NonNegativeInt = 64,
+        max_locality_per_edit: NonNegativeInt = 1,
         checkpoint: str | None = None,
         cache: bool = True,
         seed: int = 0,
     ) -> None:
         super().__init__(lm)
-        if prompt_tokens < 1 or rep_dim < 1:
-            raise ValueError("method.prompt_tokens and method.rep_dim must be >= 1")
-        if similarity not in ("dot", "cosine"):
-            raise ValueError(f"method.similarity must be 'dot' or 'cosine', got {similarity!r}")
-        if epochs < 0 or retrieval_epochs < 0 or not epochs + retrieval_epochs:
-            raise ValueError("method.epochs and method.retrieval_epochs must be >= 0, and not both 0")
-        if contrastive_hinge < 1.0 or edit_hinge < 1.0:
-            raise ValueError("method.contrastive_hinge and method.edit_hinge must be >= 1 (a large value = no hinge)")
+        if not epochs + retrieval_epochs:
+            raise ConfigError("method.epochs, method.retrieval_epochs: not both 0 (nothing would be trained)")
         self.encoder_name = encoder
         self.encoder = load_sentence_encoder(encoder, device=str(lm.device))
         self.encoder.eval()

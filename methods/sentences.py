@@ -17,12 +17,15 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
 from core.lm import LM
 from core.progress import progress
-from core.types import GenerationSpec, KBenchError, Knowledge
+from core.options import ConfigError, checked
+from core.types import GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, PositiveFloat, PositiveInt
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,10 @@ class _CachedGenerator(SentenceSource):
     """Caching and formatting shared by the generators; subclasses produce raw QA pairs."""
 
     def __init__(self, n_sentences: int, sentence_template: str, max_attempts: int, seed: int) -> None:
-        if n_sentences < 1:
-            raise ValueError("sentences.n_sentences must be >= 1")
+        if "{question}" not in sentence_template or "{answer}" not in sentence_template:
+            # without {answer} every sentence would train the question alone, silently
+            raise ConfigError(f"method.sentences.sentence_template: must contain {{question}} and {{answer}}, "
+                              f"got {sentence_template!r}")
         self.n_sentences, self.sentence_template = n_sentences, sentence_template
         self.max_attempts, self.seed = max_attempts, seed
 
@@ -101,18 +106,19 @@ class _CachedGenerator(SentenceSource):
 
 
 class LocalGenerator(_CachedGenerator):
+    @checked("method.sentences")
     def __init__(
         self,
-        n_sentences: int = 20,
+        n_sentences: PositiveInt = 20,
         prompt: str = "",
-        max_question_tokens: int = 32,
-        max_answer_tokens: int = 16,
-        samples_per_attempt: int = 8,
-        temperature: float = 0.8,
-        top_p: float = 0.95,
+        max_question_tokens: PositiveInt = 32,
+        max_answer_tokens: PositiveInt = 16,
+        samples_per_attempt: PositiveInt = 8,
+        temperature: PositiveFloat = 0.8,
+        top_p: Annotated[float, Field(gt=0, le=1)] = 0.95,
         model_name_or_path: str | None = None,
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
-        max_attempts: int = 10,
+        max_attempts: PositiveInt = 10,
         seed: int = 0,
     ) -> None:
         super().__init__(n_sentences, sentence_template, max_attempts, seed)
@@ -159,16 +165,17 @@ class LocalGenerator(_CachedGenerator):
 
 
 class OpenAIGenerator(_CachedGenerator):
+    @checked("method.sentences")
     def __init__(
         self,
         api_base: str,
         model: str = "gpt-4o-mini",
         api_key_env: str = "OPENAI_API_KEY",
-        n_sentences: int = 20,
+        n_sentences: PositiveInt = 20,
         prompt: str = "",
-        temperature: float = 1.0,
+        temperature: NonNegativeFloat = 1.0,
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
-        max_attempts: int = 10,
+        max_attempts: PositiveInt = 10,
         seed: int = 0,
     ) -> None:
         super().__init__(n_sentences, sentence_template, max_attempts, seed)

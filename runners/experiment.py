@@ -4,11 +4,15 @@ Nothing here is specific to a method or a task. The record (`record.json`) is re
 after every step, so a crash loses at most the step in progress, and a failed run still says why.
 A checkpoint follows every step but the last; a run given `resume_from` (an earlier, unfinished
 attempt of the same config) continues after that attempt's last checkpoint (runners/resume.py).
+
+The record also says what the config does not: the digests of the files the run read (`inputs`),
+how many sequences were cut to fit the model (`truncation`), and whether training collapsed to a
+uniform model (`diverged`: the run is then `failed`, so no table shows its numbers as a result).
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import time
 import traceback
 import warnings
@@ -19,11 +23,12 @@ from typing import Any
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from core.io import append_jsonl, clear_inputs, file_digest, noted_inputs, write_jsonl
 from core.records import PREDICTIONS_FILE, RunRecord, utc_now
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from methods.base import Method
 from runners import resume
-from runners.build import build
+from runners.build import build, check_config
 from runners.results import (  # noqa: F401 (BOOKKEEPING_KEYS, run_identity: re-exported)
     BOOKKEEPING_KEYS, final_results, run_identity, score_probe_set, setting_identity,
 )
@@ -37,6 +42,10 @@ log = logging.getLogger(__name__)
 # The filter lives here because launcher workers import this module (unpickling run.py's main) before
 # Hydra composes the job's config, so it covers them as well as run.py's own process.
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+
+
+class DivergedError(KBenchError):
+    """Training collapsed: the record keeps its numbers, but the run is `failed`, not a result."""
 
 
 def probe(method: Method, probe_set: ProbeSet) -> list[Answer] | list[TargetScore]:
@@ -75,10 +84,12 @@ class Experiment:
             seed=cfg.seed,
         )
         self.wandb_run: Any = None
+        self.lm: Any = None
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> RunRecord:
-        self.record.write(self.output_dir)
+        clear_inputs()  # a joblib worker runs several jobs: only this run's reads count
+        self._write()
         started = time.perf_counter()
         try:
             self._run()
@@ -95,28 +106,31 @@ class Experiment:
         finally:
             self.record.timings["total"] = round(time.perf_counter() - started, 3)
             self.record.finished_at = utc_now()
-            self.record.write(self.output_dir)
+            self._write()
             self._finish_logger()
         return self.record
 
     def _run(self) -> None:
         cfg, record = self.cfg, self.record
         transformers.set_seed(cfg.seed)
+        for group in ("model", "method", "task"):  # every knob at every depth, before data or model load
+            check_config(cfg[group], group)
         task: Task = build(cfg.task, "task")
         steps = task.steps()
         record.method_info["task"] = task.describe()
 
         started = time.perf_counter()
-        lm = build(cfg.model, "model")
+        lm = self.lm = build(cfg.model, "model")
         record.timings["load_model"] = round(time.perf_counter() - started, 3)
         method: Method = build(cfg.method, "method", lm=lm)
         if cfg.get("logger") and "_target_" in cfg.logger:
             self.wandb_run = build(cfg.logger, "logger")
             self.wandb_run.config.update(record.config)
 
-        started = time.perf_counter()
+        started, cut = time.perf_counter(), self._cut()
         method.prepare(task.training_knowledge())
         record.timings["prepare"] = round(time.perf_counter() - started, 3)
+        self._count_truncation("prepare", cut)
 
         predictions = self.output_dir / PREDICTIONS_FILE
         record.timings |= {"inject": 0.0, "eval": 0.0}
@@ -134,9 +148,9 @@ class Experiment:
                 "extra_storage_bytes": method.extra_storage_bytes(),
             })
             record.extra_storage_bytes = method.extra_storage_bytes()
-            with predictions.open("a", encoding="utf-8") as handle:
-                handle.writelines(json.dumps(r.to_row(), ensure_ascii=False, default=str) + "\n" for r in step_results)
-            record.write(self.output_dir)
+            append_jsonl(predictions, [r.to_row() for r in step_results])
+            self._check_divergence(method, step.index)
+            self._write()
             self._checkpoint(method, steps, position)
             self._log_step(record.steps[-1])
 
@@ -144,6 +158,54 @@ class Experiment:
         record.metrics, record.metric_protocols = final["metrics"], final["metric_protocols"]
         record.task_report = final["task_report"]
         record.method_info |= method.info()
+        if record.diverged is None and _all_empty(all_results) and record.method_info.get("final_train_loss") is not None:
+            record.diverged = {"reason": "every generated answer is empty after training", "step": None}
+        if record.diverged is not None:
+            raise DivergedError(f"{record.diverged['reason']}; its metrics are not a result (record.diverged)")
+
+    # ------------------------------------------------------------------ what the config does not say
+    def _write(self) -> None:
+        """Write the record with the digests of the files read so far (outside the run's own folders:
+        a resumed method state is not an input)."""
+        own = [self.output_dir.resolve()] + ([self.resume_from.resolve()] if self.resume_from else [])
+        for path in noted_inputs():
+            if path not in self.record.inputs and not any(Path(path).is_relative_to(d) for d in own):
+                digest = file_digest(path)
+                if digest is not None:
+                    self.record.inputs[path] = digest
+        self.record.write(self.output_dir)
+
+    def _cut(self) -> dict[str, int]:
+        """The LM's truncation counters now (an LM without them counts nothing)."""
+        return dict(getattr(self.lm, "truncation", None) or {})
+
+    def _count_truncation(self, phase: str, before: dict[str, int]) -> None:
+        """Add what was cut since `before` to `record.truncation[phase]`, and warn once per phase."""
+        now = self._cut()
+        added = {k: v - before.get(k, 0) for k, v in now.items() if v - before.get(k, 0)}
+        if not added:
+            return
+        if phase not in self.record.truncation:
+            log.warning("%s: %d sequence(s) longer than model.max_length=%s were cut (%d tokens dropped; counted in "
+                        "record.truncation)", phase, added.get("sequences", 0), getattr(self.lm, "max_length", "?"),
+                        added.get("tokens_dropped", 0))
+        total = self.record.truncation.setdefault(phase, {})
+        for key, value in added.items():
+            total[key] = total.get(key, 0) + value
+
+    def _check_divergence(self, method: Method, step_index: int) -> None:
+        """A training loss at or above ln(vocab) is what a uniform prediction scores: the model has
+        collapsed (issue: lr=1e9 finished `done` with perplexity ratios 'improved' 35x). 1% below
+        ln(vocab) still counts: a collapsed model hovers around it."""
+        loss = method.info().get("final_train_loss")
+        vocab = getattr(getattr(getattr(self.lm, "causal_lm", None), "config", None), "vocab_size", None)
+        if self.record.diverged is None and isinstance(loss, (int, float)) and vocab:
+            uniform = math.log(vocab)
+            if not math.isfinite(loss) or loss >= 0.99 * uniform:
+                self.record.diverged = {
+                    "reason": f"training diverged: final train loss {loss:.3f} >= 0.99 x ln(vocab) = "
+                              f"{0.99 * uniform:.3f} (a uniform model scores {uniform:.3f})", "step": step_index}
+                log.warning("step %d: %s", step_index, self.record.diverged["reason"])
 
     def _log_step(self, entry: dict[str, Any]) -> None:
         if self.wandb_run is not None:
@@ -168,13 +230,13 @@ class Experiment:
         is loaded. Returns the results so far and the position of the first step to run."""
         predictions, record = self.output_dir / PREDICTIONS_FILE, self.record
         if self.resume_from is None:
-            predictions.write_text("")
+            write_jsonl(predictions, [])
             return [], 0
         try:
             finished = resume.finished_steps(self.resume_from, self._earlier_steps, record.run_id, list(steps))
             by_step = resume.score_again(task, finished)
         except (KBenchError, OSError, ValueError, KeyError) as err:
-            predictions.write_text("")
+            write_jsonl(predictions, [])
             record.resumed_from = {"directory": str(self.resume_from), "steps_reused": 0, "note": f"started over: {err}"}
             log.warning("could not continue %s, starting over: %s", self.resume_from, err)
             return [], 0
@@ -189,25 +251,27 @@ class Experiment:
             self._log_step(record.steps[-1])
         if finished.checkpoint.method_state is not None:
             method.load_state(finished.checkpoint.method_state)
-        predictions.write_text("".join(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in finished.rows))
+        write_jsonl(predictions, finished.rows)
         restored = " (method state restored)" if finished.checkpoint.method_state is not None else ""
         record.resumed_from = {"directory": str(self.resume_from), "steps_reused": len(finished.entries),
                                "note": "continued after the last checkpoint" + restored}
-        record.write(self.output_dir)
+        self._write()
         log.info("continuing %s after %d finished step(s)%s", self.resume_from, len(finished.entries), restored)
         return results, len(finished.entries)
 
     def _run_step(self, method: Method, task: Task, step) -> tuple[list[ProbeResult], float, float]:
         if step.reset_before:
             method.reset()
-        started = time.perf_counter()
+        started, cut = time.perf_counter(), self._cut()
         if step.knowledge:
             method.inject(step.knowledge)
         inject_s = time.perf_counter() - started
-        started = time.perf_counter()
+        self._count_truncation("inject", cut)
+        started, cut = time.perf_counter(), self._cut()
         results: list[ProbeResult] = []
         for probe_set in step.probe_sets:
             results += score_probe_set(task, step.index, probe_set, probe(method, probe_set))
+        self._count_truncation("probes", cut)
         return results, inject_s, time.perf_counter() - started
 
     def _finish_logger(self) -> None:
@@ -219,6 +283,12 @@ class Experiment:
                                        **{f"time/{k}": v for k, v in record.timings.items()}})
         self.wandb_run.save(str(self.output_dir / "record.json"), base_path=str(self.output_dir), policy="now")
         self.wandb_run.finish(exit_code=0 if record.status == "done" else 1)
+
+
+def _all_empty(results: Sequence[ProbeResult]) -> bool:
+    """Whether the run generated answers and every one is empty (a collapsed model emits only EOS)."""
+    answers = [r.output for r in results if isinstance(r.output, Answer)]
+    return bool(answers) and all(not a.text.strip() for a in answers)
 
 
 def _short(target: str) -> str:

@@ -22,6 +22,7 @@ guide in docs/side_effects.md):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 from collections import defaultdict
 from collections.abc import Sequence
@@ -29,12 +30,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.io import FirstSeen, read_lines
 from core.types import Answer, DataError, GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
 from metrics import editing, qa
 from metrics import side_effects as metrics
 from tasks.base import ProbeResult, mean_metrics
 from tasks.context_qa import ContextQATask, QAItem
 from tasks.synthetic import KINDS, Relation, SyntheticTask, _value, _word
+
+log = logging.getLogger(__name__)
 
 FAMILIES = ("qa", "near_miss", "conflict", "drift")
 DATA = Path(__file__).resolve().parent / "data"
@@ -85,30 +89,33 @@ NEAR_RELATIONS: dict[tuple[str, str], NearRelation] = {
 
 
 # ---------------------------------------------------------------------------------------------- data files
-def _lines(path: Path, expected: str) -> list[str]:
-    if not path.is_file():
-        raise DataError(f"{path}: no such file; expected {expected}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
-
-
 def load_generic_text(path: str | Path | None = None) -> list[str]:
-    """The drift sentences (default: the packaged `tasks/data/generic_text.txt`)."""
+    """The drift sentences (default: the packaged `tasks/data/generic_text.txt`); a repeated sentence is
+    kept once (it would weigh twice in the perplexity ratio), with a warning naming both lines."""
     path = Path(path) if path else GENERIC_TEXT
-    sentences = _lines(path, "one sentence per line ('#' lines and empty lines are ignored)")
-    if not sentences:
-        raise DataError(f"{path}: no sentences; expected one sentence per line")
-    return sentences
+    fmt = "one sentence per line ('#' lines and empty lines are ignored)"
+    first: dict[str, int] = {}
+    for number, line in read_lines(path, fmt, comments=True):
+        if line in first:
+            log.warning("%s:%d: repeats the sentence of line %d; kept once", path, number, first[line])
+            continue
+        first[line] = number
+    if not first:
+        raise DataError(f"{path}: no sentences; expected {fmt}")
+    return list(first)
 
 
 def load_general_questions(path: str | Path | None = None) -> list[tuple[str, str]]:
-    """The unrelated (question, answer) pairs (default: the packaged `tasks/data/general_questions.tsv`)."""
+    """The unrelated (question, answer) pairs (default: the packaged `tasks/data/general_questions.tsv`).
+    A line without a question and a non-empty answer is refused naming file:line (an empty gold would
+    always agree); a question asked twice is refused naming both lines (its reference would alias)."""
     path = Path(path) if path else GENERAL_QUESTIONS
-    pairs = []
-    for number, line in enumerate(_lines(path, QUESTIONS_FORMAT), 1):
+    pairs, seen = [], FirstSeen("question")
+    for number, line in read_lines(path, QUESTIONS_FORMAT, comments=True):
         fields = [field.strip() for field in line.split("\t")]
         if len(fields) != 2 or not all(fields):
-            raise DataError(f"{path}: line {line!r} is not a question and an answer; expected {QUESTIONS_FORMAT}")
+            raise DataError(f"{path}:{number}: {line!r} is not a question and a non-empty answer; expected {QUESTIONS_FORMAT}")
+        seen.add(fields[0], f"{path}:{number}")
         pairs.append((fields[0], fields[1]))
     if not pairs:
         raise DataError(f"{path}: no questions; expected {QUESTIONS_FORMAT}")

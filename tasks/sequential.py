@@ -38,10 +38,12 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
+from core.options import checked
+from core.types import PositiveInt
 from core.types import Answer, DataError, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa, retention
 from tasks.base import ProbeResult, Task
@@ -57,27 +59,24 @@ class SequentialTask(Task):
 
     name = "sequential"
 
+    @checked("task")
     def __init__(
         self,
         source: ContextQATask,
-        n_sequences: int = 1,
-        length: int = 5,
+        n_sequences: PositiveInt = 1,
+        length: PositiveInt = 5,
         probe_unseen: bool = True,
-        metric: str = "qa_f1",
-        probes: list[str] | None = None,
+        metric: Literal["qa_f1", "exact_match", "contains"] = "qa_f1",
+        probes: list[Literal["qa", "near_miss", "conflict", "drift"]] | None = None,
         drift_text: str | None = None,
         drift_questions: str | None = None,
-        conflict_updates: int = 2,
+        conflict_updates: PositiveInt = 2,
     ) -> None:
         if not isinstance(source, ContextQATask):
             raise ValueError(
                 f"task.source must build a context-QA task (e.g. tasks.synthetic.SyntheticTask or "
                 f"tasks.pwc.PwCTask), got {type(source).__name__}"
             )
-        if n_sequences < 1 or length < 1:
-            raise ValueError(f"task.n_sequences and task.length must be >= 1, got {n_sequences} and {length}")
-        if metric not in qa.PROTOCOLS:
-            raise ValueError(f"task.metric must be one of {sorted(qa.PROTOCOLS)}, got {metric!r}")
         self.source, self.n_sequences, self.length = source, n_sequences, length
         self.probe_unseen, self.metric = probe_unseen, metric
         # the floor summary needs the not-yet-injected cells, which only `probe_unseen` fills

@@ -107,7 +107,7 @@ def test_recent_context_keeps_a_window_and_answers_from_it(plugin_modules, tiny_
     assert restored.contexts == method.contexts
     method.reset()
     assert method.contexts == [] and method.extra_storage_bytes() == 0
-    with pytest.raises(ValueError, match="window must be >= 1"):
+    with pytest.raises(ValueError, match=r"method.window: expected int >= 1, got 0 \(int\)"):
         RecentContextMethod(tiny_lm, window=0)
 
 

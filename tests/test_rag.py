@@ -272,13 +272,13 @@ def test_empty_store_answers_without_passages_and_says_so(tiny_lm, make):
 
 
 def test_bad_knobs_fail_clearly(tiny_lm):
-    with pytest.raises(ValueError, match="top_k must be >= 1"):
+    with pytest.raises(ValueError, match=r"method.top_k: expected int >= 1, got 0 \(int\)"):
         RagBm25(tiny_lm, top_k=0)
     with pytest.raises(ValueError, match="passage_template must contain"):
         RagBm25(tiny_lm, passage_template="[{rank}]")
     with pytest.raises(ValueError, match="may use {text} and {rank} only"):
         RagBm25(tiny_lm, passage_template="{title}: {text}")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="method.backend: expected one of 'sparse', 'rank_bm25', got 'elastic'"):
         RagBm25(tiny_lm, backend="elastic")
     with pytest.raises(ConfigError, match="method.top_k: expected int"):
         build(compose_config("model=tiny", "method=rag_bm25", "method.top_k=many").method, "method", lm=tiny_lm)

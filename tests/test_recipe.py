@@ -140,7 +140,7 @@ def test_bad_training_input_fails_clearly(lm):
         training_edits([Knowledge(id="k", context="a paragraph")])
     with pytest.raises(KBenchError, match="before prepare"):
         method.inject([Knowledge(id="k", context="a paragraph")])
-    with pytest.raises(ValueError, match="must be >= 1"):
+    with pytest.raises(ValueError, match=r"method.edit_hinge: expected float >= 1, got 0.5 \(float\)"):
         Recipe(lm, edit_hinge=0.5)
 
 

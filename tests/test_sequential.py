@@ -120,9 +120,9 @@ def test_too_few_source_contexts_and_bad_knobs_are_clear_errors():
     with pytest.raises(DataError, match=r"needs n_sequences x length = 2 x 3 = 6 contexts, but its source \(synthetic\) "
                                         r"has 5.*task.source.n_contexts=6"):
         SequentialTask(source(5), n_sequences=2, length=3).steps()
-    with pytest.raises(ValueError, match="task.metric must be one of"):
+    with pytest.raises(ValueError, match="task.metric: expected one of 'qa_f1', 'exact_match', 'contains', got 'bleu'"):
         SequentialTask(source(), metric="bleu")
-    with pytest.raises(ValueError, match="task.length must be >= 1|n_sequences and task.length"):
+    with pytest.raises(ValueError, match=r"task.length: expected int >= 1, got 0 \(int\)"):
         SequentialTask(source(), length=0)
 
 

@@ -46,9 +46,9 @@ def test_synthetic_steps_single_and_batch():
 
 
 def test_synthetic_rejects_bad_knobs():
-    with pytest.raises(ValueError, match="mode"):
+    with pytest.raises(ValueError, match="task.mode: expected one of 'single', 'batch', got 'sideways'"):
         SyntheticTask(mode="sideways")
-    with pytest.raises(ValueError, match="n_contexts"):
+    with pytest.raises(ValueError, match=r"task.n_contexts: expected int >= 1, got 0 \(int\)"):
         SyntheticTask(n_contexts=0)
 
 

@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from core.lm import LM
-from core.types import Knowledge, Query
+from core.options import checked
+from core.types import Knowledge, PositiveInt, Query
 from methods.base import Method
 
 
 class RecentContextMethod(Method):
     name = "recent_context"
 
-    def __init__(self, lm: LM, window: int = 1, separator: str = "\n\n") -> None:
+    @checked("method")  # a direct call checks the bounds below as the config does
+    def __init__(self, lm: LM, window: PositiveInt = 1, separator: str = "\n\n") -> None:
         super().__init__(lm)
-        if window < 1:
-            raise ValueError(f"method.window must be >= 1 (contexts kept), got {window}")
         self.window, self.separator = window, separator
         self.contexts: list[str] = []
 
