@@ -85,7 +85,9 @@ def _explain(hint: Any, error: dict[str, Any], key: str) -> str:
             if isinstance(part, int):  # a list position
                 where, leaf = f"{where}[{part}]", _item_hint(leaf)
                 continue
-            where = f"{where}.{part}"
+            if model is None and _is_union(leaf):
+                break  # pydantic's tag of one union member ("list[constrained-str]"): describe the whole union
+            where = f"{where}.{part}"  # an unknown key of `model`
             break
         field = model.model_fields[part]
         where, leaf = f"{where}.{part}", typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
@@ -105,6 +107,13 @@ def _model_of(hint: Any) -> type[pydantic.BaseModel] | None:
         if is_model(arg):
             return arg
     return None
+
+
+def _is_union(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _is_union(typing.get_args(hint)[0])
+    return origin in (typing.Union, types.UnionType)
 
 
 def _item_hint(hint: Any) -> Any:
@@ -130,12 +139,18 @@ def describe_hint(hint: Any) -> str:
                     if getattr(item, attr, None) is not None:
                         bounds.append(f"{sign} {getattr(item, attr)}")
                 if getattr(item, "min_length", None):
+                    if args[0] is str:
+                        return "non-empty str" if item.min_length == 1 else f"str of at least {item.min_length} characters"
                     bounds.append(f"with at least {item.min_length} item(s)")
+                if getattr(item, "max_length", None):
+                    bounds.append(f"at most {item.max_length}")
         return " ".join([describe_hint(args[0]), " and ".join(bounds)]).strip()
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe_hint(a) for a in args)
     if hint is type(None):
         return "None"
+    if origin in (list, tuple, set) and args:
+        return f"a list of {describe_hint(args[0])}"
     if origin is not None:
         return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")

@@ -15,9 +15,11 @@ import typing
 from typing import Any
 
 import pydantic
+from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from core.types import KBenchError
 from core.options import ConfigError, checkable, describe_hint, is_model, validate  # noqa: F401 (ConfigError: re-exported)
 
 
@@ -79,4 +81,14 @@ def check_config(node: DictConfig, key: str) -> None:
 def build(node: DictConfig, key: str, **runtime: Any) -> Any:
     """Check then instantiate a `_target_` node; plain Python containers are passed to the target."""
     check_config(node, key)
-    return instantiate(node, _convert_="all", **runtime)
+    try:
+        return instantiate(node, _convert_="all", **runtime)
+    except InstantiationException as err:
+        # Hydra wraps what a constructor raises in "Error in call to target ...: ConfigError('...')";
+        # a kbench error already says what is wrong and where (key, file:line): pass it on unwrapped.
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException):
+            cause = cause.__cause__
+        if isinstance(cause, KBenchError):
+            raise cause from None
+        raise
