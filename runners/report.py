@@ -4,16 +4,18 @@ Reads every `record.json` under the given folders (a run folder, a multirun fold
 `outputs/`); never from memory or W&B. One row per setting = (task, method, model, any other knob
 that differs): each metric as mean ± std over the seeds that finished, `n` runs, inject time (seconds
 for the whole run, mean over seeds) and the extra storage the method keeps beside the model.
-Runs that failed or never finished are listed below the table with their reasons.
+One table per task, with only that task's metrics (a table wider than 200 characters is split by metric
+group). Runs that failed or never finished are listed below the tables with the root cause of the failure.
 
 Metrics named `<group>/<name>` form column groups: each group's columns sit side by side after the
 ungrouped metrics, and `--group` shows only the named groups (`side_effects` = near_miss, conflict
 and drift, the side-effect probes of docs/side_effects.md).
 
 Several records with the same `run_id` (a run re-launched, skipped as done, or forced again) count
-once: the newest `done` one, else the newest attempt. `--plot` writes PNGs next to the output:
-`retention_<task>.png` (QA-F1 after each step, one line per method; mean over seeds, band = std)
-for tasks with more than one step, and `metrics_<task>.png` (method x metric bars; see `plot`).
+once: the newest `done` one, else the newest attempt. `--plot` writes PNGs (under 2000 px wide) next
+to the output: `retention_<task>.png` (QA-F1 after each injection, one line per method; mean over
+seeds, band = std) for tasks that inject cumulatively (sequential), and `metrics_<task>.png` (one
+panel per metric, rates on a 0–1 axis, counts and ratios on their own; see `plot`).
 
     python -m runners.report outputs/multirun/2026-01-01_12-00-00
     python -m runners.report outputs --format latex --out table.tex
@@ -27,6 +29,7 @@ import glob
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -147,11 +150,12 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "task": record.get("task"), "method": record.get("method"), "model": record.get("model"),
             "variant": variants[setting_id(record)], "seed": record.get("seed"),
             "status": record.get("status"), "error": record.get("error"), "path": record["_path"],
+            "traceback": (record.get("method_info") or {}).get("traceback"),
             "inject_s": (record.get("timings") or {}).get("inject"),
             "extra_storage_bytes": record.get("extra_storage_bytes"),
             **{f"metric/{k}": v for k, v in (record.get("metrics") or {}).items()},
         })
-    return pd.DataFrame(rows, columns=None if rows else [*SETTING, "seed", "status", "error", "path"])
+    return pd.DataFrame(rows, columns=None if rows else [*SETTING, "seed", "status", "error", "path", "traceback"])
 
 
 def metric_names(frame: pd.DataFrame) -> list[str]:
@@ -186,8 +190,8 @@ def summarize(frame: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.D
     missing = [m for m in metrics if f"metric/{m}" not in done.columns]
     if missing:
         raise ValueError(f"no finished run has metric(s) {missing}; available: {metric_names(done)}")
-    if done.empty:
-        return pd.DataFrame(columns=[*SETTING, "n"])
+    if done.empty:  # every run failed (e.g. diverged): an empty table, and the failures listed below it
+        return pd.DataFrame(columns=[*SETTING, "n", "inject_s_mean", "extra_storage_bytes_mean"])
     grouped = done.groupby(SETTING, sort=True, dropna=False)
     table = grouped.size().rename("n").to_frame()
     for metric in metrics:
@@ -214,15 +218,45 @@ def _mean_std(mean: float, std: float, pm: str) -> str:
     return f"{mean:.3f}" if std is None or math.isnan(std) else f"{mean:.3f}{pm}{std:.3f}"
 
 
-def display_table(table: pd.DataFrame, metrics: Sequence[str], pm: str = " ± ") -> pd.DataFrame:
-    """The summary as text cells: `mean ± std` per metric, seconds, human-readable storage."""
+def display_table(table: pd.DataFrame, metrics: Sequence[str], pm: str = " ± ", storage: bool = True) -> pd.DataFrame:
+    """The summary as text cells: `mean ± std` per metric, then (with `storage`) inject seconds and
+    human-readable extra storage."""
     columns = [c for c in SETTING if c != "variant" or table["variant"].astype(bool).any()]
     shown = table[columns + ["n"]].copy()
     for metric in metrics:
         shown[metric] = [_mean_std(m, s, pm) for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_std"])]
-    shown["inject s"] = [f"{s:.1f}" if pd.notna(s) else "–" for s in table["inject_s_mean"]]
-    shown["extra storage"] = [human_bytes(b) for b in table["extra_storage_bytes_mean"]]
+    if storage:
+        shown["inject s"] = [f"{s:.1f}" if pd.notna(s) else "–" for s in table["inject_s_mean"]]
+        shown["extra storage"] = [human_bytes(b) for b in table["extra_storage_bytes_mean"]]
     return shown
+
+
+_CHAIN = ("The above exception was the direct cause of the following exception:",
+          "During handling of the above exception, another exception occurred:")
+_REPR = re.compile(r"^([A-Za-z_][\w.]*)\((['\"])(.*)\2,?\)$")
+
+
+def root_cause(error: str | None, trace: str | None = None) -> str:
+    """The innermost exception of a failure as one line `Type: message`.
+
+    A wrapper's message (Hydra's `InstantiationException: Error in call to target ...` with the reason on a
+    later line) is not the reason: the first exception of a chained traceback is (Python prints the
+    innermost first); without a traceback, the `Type('message')` line Hydra puts inside its message."""
+    if not error:
+        return "no error recorded"
+    if trace and any(marker in trace for marker in _CHAIN):
+        first = re.split("|".join(map(re.escape, _CHAIN)), trace)[0].strip().splitlines()
+        started = False
+        for line in first:
+            if started and line and not line[0].isspace() and not line.startswith(("^", "~")):
+                return line.strip()
+            started = started or line.startswith("Traceback")
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    for line in lines[1:]:
+        match = _REPR.match(line)
+        if match:
+            return f"{match.group(1)}: {match.group(3)}"
+    return lines[0]
 
 
 def problems_text(frame: pd.DataFrame, runs: Runs, style: str) -> list[str]:
@@ -235,7 +269,7 @@ def problems_text(frame: pd.DataFrame, runs: Runs, style: str) -> list[str]:
             if row.status == "running":
                 reason = "unfinished: the record still says `running` (the run was killed, or is still running)"
             else:
-                reason = (row.error or "no error recorded").strip().splitlines()[0]
+                reason = root_cause(row.error, row.traceback)
             lines.append(f"- {row.method} / {row.task} / {row.model} / seed {row.seed}: {row.status}: {reason} ({row.path})")
     for path, reason in runs.unreadable:
         lines.append(f"- unreadable record {path}: {reason}")
@@ -259,38 +293,90 @@ def to_latex(shown: pd.DataFrame) -> str:
     return latex.replace(" ± ", r" $\pm$ ")
 
 
+MAX_ROW_CHARS = 199  # a markdown row longer than this is split into several tables (same rows, other columns)
+
+
 def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] | None = None,
            groups: Sequence[str] | None = None) -> str:
     """The report text for the records under `paths` in format md, latex or csv: every metric, or the
-    `metrics` named followed by the columns of the metric `groups` (`group_columns`)."""
+    `metrics` named followed by the columns of the metric `groups` (`group_columns`).
+
+    md and latex: one table per task, with only the metrics that task's runs have; a table whose rows
+    would be wider than `MAX_ROW_CHARS` is split by metric group into several (each repeats the setting
+    columns). csv: one machine-readable table of every task. Failed and unfinished runs are listed last,
+    each with the root cause of its failure."""
     runs = load_runs(paths)
     frame = runs_frame(runs.records)
     if not runs.records:
         raise FileNotFoundError(f"no {RECORD_FILE} found under {', '.join(map(str, paths))}")
+    done = frame[frame["status"] == "done"]
     if groups:  # the named metrics first, then the groups' columns
-        found = group_columns(metric_names(frame[frame["status"] == "done"].dropna(axis=1, how="all")), groups)
+        found = group_columns(metric_names(done.dropna(axis=1, how="all")), groups)
         metrics = list(dict.fromkeys([*(metrics or []), *found]))
     table = summarize(frame, metrics)
-    metrics = list(metrics) if metrics else group_columns(
-        [c.removesuffix("_mean") for c in table.columns
-         if c.endswith("_mean") and c not in ("inject_s_mean", "extra_storage_bytes_mean")])
     if fmt == "csv":
         return table.to_csv(index=False)
-    shown = display_table(table, metrics)
-    body = to_latex(shown) if fmt == "latex" else to_markdown(shown)
+    blocks = []
+    for task in sorted(done["task"].dropna().unique()):
+        own = metric_names(done[done["task"] == task].dropna(axis=1, how="all"))
+        names = [m for m in metrics if m in own] if metrics else group_columns(own)
+        if not names:
+            continue
+        rows = table[table["task"] == task].reset_index(drop=True)
+        chunks = _width_chunks(rows, names)
+        for index, chunk in enumerate(chunks):
+            shown = display_table(rows, chunk, storage=index == 0)
+            groups_shown = ", ".join(dict.fromkeys(metric_group(n) or "metrics" for n in chunk))
+            title = task + (f" (continued {index + 1}/{len(chunks)}: {groups_shown})" if index else "")
+            body = to_latex(shown) if fmt == "latex" else to_markdown(shown)
+            blocks.append((f"% {title}\n" if fmt == "latex" else f"### {title}\n\n") + body.rstrip("\n"))
+    if not blocks:
+        blocks.append("% no finished run" if fmt == "latex" else "(no finished run)")
     problems = problems_text(frame, runs, fmt)
-    return body.rstrip("\n") + "\n" + ("\n" + "\n".join(problems) + "\n" if problems else "")
+    return "\n\n".join(blocks) + "\n" + ("\n" + "\n".join(problems) + "\n" if problems else "")
+
+
+def _width_chunks(rows: pd.DataFrame, names: Sequence[str]) -> list[list[str]]:
+    """`names` cut into consecutive pieces whose markdown rows stay within `MAX_ROW_CHARS` (a piece
+    preferably ends where a metric group ends; a single metric too wide for it is a piece of its own)."""
+    def width(chunk: list[str], first: bool) -> int:
+        return max(map(len, to_markdown(display_table(rows, chunk, storage=first)).splitlines()))
+
+    chunks: list[list[str]] = []
+    current: list[str] = []
+    for name in names:
+        if current and width(current + [name], not chunks) > MAX_ROW_CHARS:
+            # cut at the last group boundary inside the piece when there is one, else here
+            cut = max((i for i in range(1, len(current)) if metric_group(current[i]) != metric_group(current[i - 1])),
+                      default=len(current))
+            chunks.append(current[:cut])
+            current = current[cut:]
+            while current and width(current + [name], False) > MAX_ROW_CHARS:
+                chunks.append(current)
+                current = []
+        current.append(name)
+    return chunks + [current] if current else chunks
 
 
 # ---------------------------------------------------------------------------------------------- plots
+MAX_PLOT_INCHES = 15.0  # at PLOT_DPI: plots stay under 2000 px wide
+PLOT_DPI = 120
+PANELS_PER_ROW = 4
+
+
 def plot(paths: Sequence[str | Path], out_dir: str | Path, curve_metric: str = "qa_f1",
          metrics: Sequence[str] | None = None) -> list[Path]:
-    """Write `retention_<task>.png` (tasks whose records have several steps) and `metrics_<task>.png`
-    (bars of `metrics`, default every metric of the task) into `out_dir`; return the files written.
+    """Write `retention_<task>.png` (tasks that inject cumulatively) and `metrics_<task>.png` (one small
+    panel per metric, default every metric of the task) into `out_dir`; return the files written.
 
-    A curve point is one step of `steps[*].metrics`: x is the step's `injections` value when the task
-    logs one (sequential tasks: contexts injected so far), else the step number; y is
-    `<curve_metric>_injected` when logged (mean over the contexts injected so far), else `<curve_metric>`.
+    Every panel has its own y axis: rates (every value in [0, 1]) are drawn on a fixed 0–1 axis, counts and
+    ratios on their own scale, so the two never share an axis. Panels wrap `PANELS_PER_ROW` to a row and the
+    figure stays under 2000 px wide.
+
+    A curve point is one step of `steps[*].metrics` of a task whose steps log `injections` (sequential
+    tasks: contexts injected so far, without a reset in between); y is `<curve_metric>_injected` when
+    logged (mean over the contexts injected so far), else `<curve_metric>`. Single- and batch-injection
+    tasks reset before every step, so a line across their steps would mean nothing: no retention plot.
     """
     import matplotlib
 
@@ -307,30 +393,45 @@ def plot(paths: Sequence[str | Path], out_dir: str | Path, curve_metric: str = "
     for task in sorted({r["task"] for r in done}):
         task_frame = frame[(frame["task"] == task) & (frame["status"] == "done")].dropna(axis=1, how="all")
         curves = _step_curves([r for r in done if r["task"] == task], curve_metric)
+        curves = curves[curves["x_name"] == "contexts injected"]
         if curves["x"].nunique() > 1:
-            fig, ax = plt.subplots(figsize=(6, 4))
+            fig, ax = plt.subplots(figsize=(7, 4.5))
             for label, curve in curves.groupby("label", sort=True):
                 stats = curve.groupby("x")["value"].agg(["mean", "std"]).fillna(0.0)
                 ax.plot(stats.index, stats["mean"], marker="o", label=label)
                 ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.15)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.set(xlabel=curves["x_name"].iloc[0], ylabel=curve_metric, title=f"{task}: {curve_metric} after each step")
+            ax.set(xlabel="contexts injected", ylabel=curve_metric, title=f"{task}: {curve_metric} after each injection")
             ax.legend(fontsize="small")
             written.append(_save(fig, out_dir / f"retention_{task}.png"))
-        names = [m for m in (metrics or metric_names(task_frame)) if f"metric/{m}" in task_frame.columns]
+        names = [m for m in (metrics or group_columns(metric_names(task_frame))) if f"metric/{m}" in task_frame.columns]
         if not names:
             continue
         rows = summarize(task_frame, names).to_dict("records")
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(names) * len(rows)), 4))
-        width = 0.8 / len(rows)
-        for i, row in enumerate(rows):
-            means = [row[f"{n}_mean"] for n in names]
-            stds = [0.0 if pd.isna(row[f"{n}_std"]) else row[f"{n}_std"] for n in names]
-            ax.bar([j + i * width for j in range(len(names))], means, width, yerr=stds, label=_label(row), capsize=2)
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names, rotation=30, ha="right")
-        ax.set(title=f"{task}: mean over seeds (error bar = std)")
-        ax.legend(fontsize="small")
-        written.append(_save(fig, out_dir / f"metrics_{task}.png"))
+        rates = [n for n in names if task_frame[f"metric/{n}"].dropna().between(0.0, 1.0).all()]
+        names = rates + [n for n in names if n not in rates]  # rates first, then counts and ratios
+        columns = min(PANELS_PER_ROW, len(names))
+        lines = -(-len(names) // columns)
+        panel_width = min(3.6, MAX_PLOT_INCHES / columns)
+        fig, axes = plt.subplots(lines, columns, figsize=(panel_width * columns, 3.2 * lines + 0.6), squeeze=False)
+        labels = [_label(row) for row in rows]
+        colors = [f"C{i % 10}" for i in range(len(rows))]
+        for ax, name in zip(axes.flat, names):
+            means = [row[f"{name}_mean"] for row in rows]
+            stds = [0.0 if pd.isna(row[f"{name}_std"]) else row[f"{name}_std"] for row in rows]
+            ax.bar(range(len(rows)), means, yerr=stds, color=colors, capsize=2)
+            ax.set_title(name if name in rates else f"{name} (count / ratio)", fontsize=9)
+            ax.set_xticks(range(len(rows)), [row["method"] for row in rows], rotation=45, ha="right", fontsize=7)
+            if name in rates:
+                ax.set_ylim(0.0, 1.0)
+            ax.tick_params(axis="y", labelsize=7)
+        for ax in list(axes.flat)[len(names):]:
+            ax.set_visible(False)
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors]
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize="small", frameon=False)
+        fig.suptitle(f"{task}: mean over seeds (error bar = std)")
+        fig.tight_layout(rect=(0, 0.04 + 0.025 * (-(-len(labels) // 4)), 1, 1))
+        written.append(_save(fig, out_dir / f"metrics_{task}.png", tight=False))
     plt.close("all")
     return written
 
@@ -353,9 +454,10 @@ def _step_curves(records: Sequence[dict[str, Any]], metric: str) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["label", "x", "x_name", "value"])
 
 
-def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def _save(fig: Any, path: Path, tight: bool = True) -> Path:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
     return path
 
 

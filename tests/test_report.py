@@ -121,7 +121,7 @@ def test_metrics_option_selects_columns_and_rejects_unknown(sweep):
 def test_latex_is_a_plain_tabular(sweep):
     latex = report.render([sweep], "latex")
     body = latex.split("\\end{tabular}")[0]
-    assert latex.startswith("\\begin{tabular}{llllllll}")  # task method model n qa_f1 exact_match inject storage
+    assert latex.startswith("% synthetic\n\\begin{tabular}{llllllll}")  # task method model n qa_f1 exact_match inject storage
     assert "toprule" not in latex and body.count("\\hline") == 3
     assert "ft\\_sentences" in latex and "qa\\_f1" in latex  # escaped
     assert "0.600 $\\pm$ 0.141" in latex
@@ -138,13 +138,18 @@ def test_latex_compiles_with_pdflatex(sweep, tmp_path):
     assert (tmp_path / "doc.pdf").stat().st_size > 1000
 
 
-def test_plots_one_retention_curve_per_multistep_task_and_one_bar_chart_per_task(sweep, tmp_path):
+def test_plots_a_retention_curve_only_for_cumulative_tasks_and_one_panel_chart_per_task(sweep, tmp_path):
     write_run(sweep / "8", "base", 0, {"recall@1": 0.1}, task="inspired")  # single step: no retention plot
+    cumulative = [{"index": i, "label": "", "metrics": {"injections": float(i + 1), "qa_f1_injected": 1.0 - i / 4}}
+                  for i in range(3)]
+    write_run(sweep / "9", "base", 0, {"qa_f1": 0.5}, task="sequential", steps=cumulative)
     files = report.plot([sweep], tmp_path / "plots")
-    assert sorted(f.name for f in files) == ["metrics_inspired.png", "metrics_synthetic.png", "retention_synthetic.png"]
+    # synthetic has several steps, but each starts from a reset: a line across them would mean nothing
+    assert sorted(f.name for f in files) == ["metrics_inspired.png", "metrics_sequential.png", "metrics_synthetic.png",
+                                             "retention_sequential.png"]
     for file in files:
         image = matplotlib.image.imread(file)
-        assert file.stat().st_size > 0 and image.shape[0] > 100 and image.shape[1] > 100
+        assert file.stat().st_size > 0 and 100 < image.shape[0] and 100 < image.shape[1] < 2000
 
 
 def test_sequential_curves_use_injections_and_the_injected_mean():
@@ -163,7 +168,7 @@ def test_cli_writes_the_table_and_plots_and_fails_clearly_on_an_empty_folder(swe
     result = run(sweep, "--out", tmp_path / "out" / "table.md", "--plot")
     assert result.returncode == 0, result.stderr
     assert "0.600 ± 0.141" in (tmp_path / "out" / "table.md").read_text()
-    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["metrics_synthetic.png"]
     (tmp_path / "empty").mkdir()
     result = run(tmp_path / "empty")
     assert result.returncode == 2 and "no record.json found" in result.stderr
@@ -185,3 +190,81 @@ def test_real_runs_average_over_seeds_and_a_rescoring_is_a_setting_of_its_own(tm
     table = report.summarize(report.runs_frame(report.load_runs([tmp_path]).records))
     assert list(table["n"]) == [2, 2]
     assert sorted(table["variant"]) == ["task.metric=exact_match", "task.metric=qa_f1"]
+
+
+# ------------------------------------------------------------------ a mixed folder, as a new user's sweep leaves it
+HYDRA_ERROR = ("InstantiationException: Error in call to target 'methods.memoir.MemoirMethod':\n"
+               "ValueError('method.layer=-3 is out of range: the model has 2 layers')\nfull_key: method")
+CHAINED_TRACE = """Traceback (most recent call last):
+  File "/x/hydra/_internal/instantiate/_instantiate2.py", line 92, in _call_target
+    return _target_(*args, **kwargs)
+           ^^^^^^^^^^^^^^^^^^^^^^^^^
+ValueError: method.layer=-3 is out of range: the model has 2 layers
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File "/x/runners/experiment.py", line 95, in run
+    self._run()
+hydra.errors.InstantiationException: Error in call to target 'methods.memoir.MemoirMethod':
+ValueError('method.layer=-3 is out of range: the model has 2 layers')
+"""
+SIDE = {"near_miss/leak_rate": 0.5, "near_miss/n_probes": 12.0, "drift/ppl_ratio": 1.25, "drift/next_token_acc_ratio": 0.9,
+        "drift/general_agreement_tf": 0.75, "drift/general_agreement_gen": 0.5, "drift/general_qa_f1": 0.25,
+        "drift/general_exact_match": 0.125}
+
+
+@pytest.fixture()
+def mixed(tmp_path: Path) -> Path:
+    root = tmp_path / "mixed"
+    methods = ["base", "context", "rag_bm25", "rag_dense", "ft_context", "ft_sentences", "selfparam", "recipe"]
+    for i, method in enumerate(methods):
+        if method != "ft_sentences":
+            write_run(root / f"syn{i}", method, 0, {"qa_f1": 0.5, "exact_match": 0.25, "contains": 0.5, **SIDE})
+        write_run(root / f"edit{i}", method, 0, {"reliability": 0.5, "generality": 0.25, "locality": 1.0,
+                                                 "portability": 0.0}, task="editing")
+        write_run(root / f"crs{i}", method, 0, {"recall@1": 0.1, "recall@10": 0.3, "recall@50": 0.5,
+                                                "mean_items_listed": 7.5}, task="inspired")
+        write_run(root / f"seq{i}", method, 0, {"qa_f1": 0.4, "retention": 0.3, "forgetting": 0.2, "efficacy": 0.9},
+                  task="sequential", steps=[{"index": j, "label": "", "metrics": {"injections": float(j + 1),
+                                                                                  "qa_f1_injected": 0.5}}
+                                            for j in range(3)])
+    for lr in (0.001, 0.0005):  # two settings of one method: a variant column
+        write_run(root / f"lr{lr}", "ft_sentences", 0, {"qa_f1": 0.5, **SIDE}, knobs={"lr": lr})
+    write_run(root / "bad", "memoir", 0, {}, status="failed", error=HYDRA_ERROR)
+    return root
+
+
+def test_a_mixed_folder_gives_one_readable_table_per_task_with_its_own_metrics(mixed):
+    text = report.render([mixed])
+    assert max(map(len, text.splitlines())) < 200, max(text.splitlines(), key=len)
+    sections = {block.split("\n", 1)[0]: block for block in text.split("### ")[1:]}
+    assert set(sections) >= {"editing", "inspired", "sequential", "synthetic"}
+    assert "reliability" in sections["editing"] and "qa_f1" not in sections["editing"]
+    assert "recall@10" in sections["inspired"] and "reliability" not in sections["inspired"]
+    assert "retention" in sections["sequential"] and "near_miss" not in sections["sequential"]
+    # synthetic's 11 metrics do not fit one 200-character row: the side-effect groups continue below it
+    continued = [title for title in sections if title.startswith("synthetic (continued")]
+    assert continued and all("–" not in sections[t] for t in continued)
+    shown = " ".join(sections[t] for t in ["synthetic", *continued])
+    assert all(name in shown for name in ["qa_f1", "contains", *SIDE])
+    assert "| ft_sentences | tiny    | method.lr=0.001  |" in sections["synthetic"]
+
+
+def test_failure_reasons_show_the_root_cause_not_the_wrapper(mixed):
+    text = report.render([mixed])
+    assert "memoir / synthetic / tiny / seed 0: failed: ValueError: method.layer=-3 is out of range: the model has 2 layers" in text
+    assert "Error in call to target" not in text
+    assert report.root_cause("InstantiationException: wrapped", CHAINED_TRACE) == (
+        "ValueError: method.layer=-3 is out of range: the model has 2 layers")
+    assert report.root_cause("NonFiniteLossError: loss became nan\nmore") == "NonFiniteLossError: loss became nan"
+    assert report.root_cause(None) == "no error recorded"
+
+
+def test_mixed_plots_stay_under_2000_px_and_keep_counts_off_the_rate_axes(mixed, tmp_path):
+    files = report.plot([mixed], tmp_path / "plots")
+    assert sorted(f.name for f in files) == ["metrics_editing.png", "metrics_inspired.png", "metrics_sequential.png",
+                                             "metrics_synthetic.png", "retention_sequential.png"]
+    for file in files:
+        height, width = matplotlib.image.imread(file).shape[:2]
+        assert 100 < width < 2000 and 100 < height < 2000, (file.name, width, height)
