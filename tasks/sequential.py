@@ -275,6 +275,7 @@ def plot_retention(matrix: np.ndarray, path: Path, metric: str, n_sequences: int
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg canvas: no display, no global state
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
 
     length = matrix.shape[0]
     figure = Figure(figsize=(13, 4), layout="constrained")
@@ -292,6 +293,8 @@ def plot_retention(matrix: np.ndarray, path: Path, metric: str, n_sequences: int
                 heat.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7,
                           color="black" if value > 0.6 else "white")
     figure.colorbar(image, ax=heat, shrink=0.8)
+    for axis in (heat.xaxis, heat.yaxis):  # cells are whole contexts and injection counts
+        axis.set_major_locator(MaxNLocator(integer=True))
 
     steps = np.arange(1, length + 1)
     curves.plot(steps, retention.retention_curve(matrix), "o-", label="mean over injected contexts")
@@ -305,5 +308,6 @@ def plot_retention(matrix: np.ndarray, path: Path, metric: str, n_sequences: int
              title="score by age")
     for axis in (curves, ages):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
