@@ -154,7 +154,7 @@ class MemoirMethod(Method):
     def __init__(
         self,
         lm: LM,
-        layer: int = -3,
+        layer: int | float = 0.84,
         module: str = "mlp.down_proj",
         density: Annotated[float, Field(gt=0, le=1)] = 0.2857,
         threshold: UnitFloat = 0.4,
@@ -173,6 +173,10 @@ class MemoirMethod(Method):
     ) -> None:
         super().__init__(lm)
         layers = lm.decoder_layers()
+        if isinstance(layer, float):  # a fraction of the depth, so one default fits every model
+            if not 0.0 <= layer <= 1.0:
+                raise ValueError(f"method.layer={layer}: a float is a fraction of the depth and must be in [0, 1]")
+            layer = min(round(layer * len(layers)), len(layers) - 1)
         if not -len(layers) <= layer < len(layers):
             raise ValueError(f"method.layer={layer} is out of range: the model has {len(layers)} layers")
         self.layer_index = layer % len(layers)
