@@ -138,9 +138,9 @@ def test_packaged_drift_data_and_clear_errors_on_bad_files(tmp_path):
     assert 40 <= len(load_generic_text()) <= 60 and len(load_general_questions()) == 20
     bad = tmp_path / "q.tsv"
     bad.write_text("What is the capital of France? Paris\n")
-    with pytest.raises(DataError, match="not a question and an answer"):
+    with pytest.raises(DataError, match=r"q.tsv:1: 'What is the capital of France\? Paris' is not a question and a non-empty answer"):
         load_general_questions(bad)
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match=r"data file not found: .*missing.txt .*Expected one sentence per line"):
         SyntheticTask(probes=["qa", "drift"], drift_text=str(tmp_path / "missing.txt"))
 
 
