@@ -16,12 +16,21 @@ Schema (top-level keys; documented in docs/records.md):
     timings         dict    {"inject": s, "eval": s, "total": s, "load_model": s}
     extra_storage_bytes int  storage the method needs beside the base model, after the last step
     method_info     dict    whatever the method reports about itself (e.g. {"merged": true})
-    versions        dict    python, torch, transformers, peft, kbench
+    versions        dict    python, torch, transformers, peft, accelerate, tokenizers, sentence-transformers, kbench
+    version_drift   list    packages whose installed release differs from requirements.lock, e.g.
+                            ["transformers 5.17.0 (lock: 5.24.0)"]; [] for the tested set (core/environment.py)
     git_commit      str     commit of the code (with "-dirty" when the tree had uncommitted changes)
     started_at, finished_at  str  ISO-8601 UTC
     resumed_from    dict    set when this run continued an earlier, unfinished attempt of the same run_id:
                             {"directory", "steps_reused", "note"} (steps_reused 0: it started over)
-Per-probe predictions go to `predictions.jsonl` beside the record.
+    inputs          dict    the files the run read (data, cached sentences, regularisation texts, model
+                            weights): {absolute path: {"sha256", "bytes"}}; a later launch re-hashes them
+    truncation      dict    sequences cut to fit model.max_length and tokens dropped, by phase
+                            (prepare / inject / probes); {} when nothing was cut
+    diverged        dict    set when training ended at the uniform-distribution loss or every generated
+                            answer is empty: {"reason", "step"}; the run is then `failed`
+Per-probe predictions go to `predictions.jsonl` beside the record. Every JSON file is RFC 8259: a
+non-finite float is written as the string "NaN", "Infinity" or "-Infinity" (core.io.to_json).
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.environment import version_drift
 from core.io import atomic_write_json
 
 SCHEMA_VERSION = 1
@@ -46,7 +56,7 @@ def utc_now() -> str:
 
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "peft", "kbench"):
+    for package in ("torch", "transformers", "peft", "accelerate", "tokenizers", "sentence-transformers", "kbench"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
@@ -87,11 +97,15 @@ class RunRecord:
     extra_storage_bytes: int = 0
     method_info: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
+    version_drift: list[str] = field(default_factory=version_drift)
     git_commit: str = field(default_factory=git_commit)
     started_at: str = field(default_factory=utc_now)
     finished_at: str | None = None
     group_id: str = ""
     resumed_from: dict[str, Any] | None = None
+    inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    truncation: dict[str, dict[str, int]] = field(default_factory=dict)
+    diverged: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def write(self, directory: Path) -> Path:

@@ -2,7 +2,9 @@
 
 A run is identified by its `run_id` (hash of the resolved config minus bookkeeping keys). Hydra names
 output folders by time, so a re-launched sweep writes into new folders; earlier attempts are found by
-scanning `resume.search_dir` (default `outputs/`) for `record.json` files with the same run_id:
+scanning, for `record.json` files with the same run_id, the folder the command writes to (the sweep
+folder, or the run folder: a command given `hydra.sweep.dir=...` finds its own earlier records wherever
+that is) and `resume.search_dir` (default `outputs/`):
 
 - one says `done` -> the job does nothing but link its folder's `record.json` to that record, so the
   new sweep folder still holds every run (`force=true` runs it again);
@@ -18,15 +20,17 @@ checkpoints are deleted once a newer one is complete; all are deleted when the r
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from core.io import atomic_write_json
+from core.io import atomic_write_json, file_digest
 from core.records import PREDICTIONS_FILE, RECORD_FILE
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from runners.rescore import output_of  # a predictions line -> the method output, as offline rescoring does
@@ -37,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.json"
+LOCK_FILE = ".kbench.lock"
 
 
 @dataclass
@@ -51,12 +56,14 @@ class Attempt:
         return self.record.get("status") == "done"
 
 
-def earlier_attempts(search_dir: str | Path | None, run_id: str) -> list[Attempt]:
-    """Records with this run_id under `search_dir` (recursively), newest first; links count once."""
-    if not search_dir or not Path(search_dir).is_dir():
-        return []
+def earlier_attempts(search_dirs: str | Path | None | Iterable[str | Path | None], run_id: str) -> list[Attempt]:
+    """Records with this run_id under the search folders (recursively), newest first; a record reached
+    twice (a link, or nested folders) counts once."""
+    if search_dirs is None or isinstance(search_dirs, (str, Path)):
+        search_dirs = [search_dirs]
+    files = [f for d in search_dirs if d and Path(d).is_dir() for f in Path(d).rglob(RECORD_FILE)]
     attempts, seen = [], set()
-    for file in Path(search_dir).rglob(RECORD_FILE):
+    for file in files:
         target = file.resolve()
         if target in seen or not target.is_file():
             continue
@@ -72,6 +79,75 @@ def earlier_attempts(search_dir: str | Path | None, run_id: str) -> list[Attempt
         if record.get("run_id") == run_id:
             attempts.append(Attempt(target.parent, record))
     return sorted(attempts, key=lambda a: a.record.get("started_at") or "", reverse=True)
+
+
+def input_changes(record: dict[str, Any]) -> list[str]:
+    """How the files an earlier attempt read differ from them now ([]: the same). A record without
+    `inputs` (written before kbench recorded them) cannot vouch for its data, so it counts as changed."""
+    if "inputs" not in record:
+        return ["its record lists no input digests (written before kbench recorded them)"]
+    changes = []
+    for path, then in (record.get("inputs") or {}).items():
+        now = file_digest(path)
+        if now is None:
+            changes.append(f"{path} is gone")
+        elif now["sha256"] != then.get("sha256"):
+            changes.append(f"{path} changed (sha256 {str(then.get('sha256'))[:12]} -> {now['sha256'][:12]}, "
+                           f"{then.get('bytes')} -> {now['bytes']} bytes)")
+    return changes
+
+
+# ------------------------------------------------------------------ owning a folder
+class FolderInUse(KBenchError):
+    """Another live run holds this folder, or it holds the record of another run."""
+
+
+def claim_folder(output_dir: Path, run_id: str) -> IO[str]:
+    """Lock `output_dir` for this run until the returned handle is closed (or the process dies: the
+    kernel drops an flock with its holder, so a killed run never leaves a stale lock). Refuses a folder
+    that another live run holds, or that holds the (real, not linked) record of a different run_id:
+    two launches into one folder would interleave predictions.jsonl and overwrite each other's record.
+    flock is per machine on most network file systems; use distinct folders across machines."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = (output_dir / LOCK_FILE).open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise FolderInUse(f"{output_dir} is in use by a run still going ({holder}); two runs never share a "
+                          "folder: wait for it, or give this one another hydra.run.dir / hydra.sweep.dir") from None
+    record = output_dir / RECORD_FILE
+    if record.is_file() and not record.is_symlink():
+        try:
+            other = json.loads(record.read_text(encoding="utf-8")).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            other = None  # unreadable: nothing worth keeping
+        if other and other != run_id:
+            handle.close()
+            raise FolderInUse(f"{output_dir} holds the record of another run ({other}; this is {run_id}): not "
+                              "overwriting it. Give this run another hydra.run.dir / hydra.sweep.dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}, run {run_id}\n")
+    handle.flush()
+    return handle
+
+
+def in_use(directory: Path) -> bool:
+    """Whether a live run holds `directory` (never ask about a folder this process holds: flock
+    conflicts between two descriptors of one process, so it would say yes)."""
+    lock = Path(directory) / LOCK_FILE
+    if not lock.is_file():
+        return False
+    with lock.open("a", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
 
 
 def link_record(done: Attempt, output_dir: Path) -> Path:

@@ -85,7 +85,7 @@ def test_a_failed_job_does_not_lose_the_others_and_the_report_says_why(tmp_path,
     statuses = sorted(json.loads(p.read_text())["status"] for p in records_in(tmp_path))
     assert statuses == ["done", "failed"]
     text = report.render([tmp_path])
-    assert "Failed or unfinished runs (1):" in text and "ConfigError: task.n_contexts: expected int, got 'abc'" in text
+    assert "Failed or unfinished runs (1):" in text and "ConfigError: task.n_contexts: expected int >= 1, got 'abc'" in text
 
 
 def test_a_done_run_is_skipped_a_changed_one_runs_and_force_reruns(tmp_path):
