@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.encoder import load_sentence_encoder
-from core.io import atomic_write_json, cache_dir, read_json, stable_hash
+from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
 from core.lm import LM
 from core.options import ConfigError, checked
 from core.progress import progress
@@ -320,6 +320,7 @@ class Recipe(Method):
         if self.cache:
             self.save(path)
             self.prepare_info["path"] = str(path)
+            note_input(path)  # later runs load this file instead of training: it is part of their inputs
 
     def identity(self, edits: Sequence[TrainingEdit]) -> str:
         """Hash of everything that determines the trained module."""
@@ -440,6 +441,7 @@ class Recipe(Method):
         path = Path(path).expanduser()
         if not path.is_file():
             raise KBenchError(f"method.checkpoint: no trained RECIPE module at {path}")
+        note_input(path)  # a trained module read from disk is an input of the run, like its data
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
         if metadata.get("format") != FORMAT:
