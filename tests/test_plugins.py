@@ -1,12 +1,14 @@
-"""Methods and tasks as plugins from outside the repository: the guides' own commands, run for real.
+"""Methods and tasks as plugins from outside the repository: the guides' own code and commands, run for real.
 
-The example folders are copied out of the repository first, so nothing here can work by accident
-through kbench's own packages. The commands are the ones printed in docs/adding_a_method.md and
-docs/adding_a_task.md (the tests assert that), with the folder replaced by the copy and tiny-model
-overrides appended.
+Each guide's complete files are fenced code blocks tagged with their path (```python file=examples/...).
+The tests write those blocks (not the repository's copies) into a folder outside the repository, so
+nothing can work by accident through kbench's own packages or a file the guide does not show, then run
+the guide's `bash` blocks on them, the folder replaced by the copy and tiny-model overrides appended.
+The blocks must also equal the files under examples/, so the examples and the guides never drift apart.
 """
 import os
-import shutil
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -19,17 +21,32 @@ from tests.conftest import ROOT
 
 METHOD_GUIDE = ROOT / "docs" / "adding_a_method.md"
 TASK_GUIDE = ROOT / "docs" / "adding_a_task.md"
-METHOD_RUN = ("PYTHONPATH=examples/plugin_method python run.py -m method=context,recent_context "
-              "'hydra.searchpath=[file://examples/plugin_method/conf]'")
-TASK_RUN = ("PYTHONPATH=examples/plugin_task python run.py -m task=csv_qa method=base,context "
-            "'hydra.searchpath=[file://examples/plugin_task/conf]'")
-REPORT_RUN = "python -m runners.report outputs/multirun"
 TINY = "model=tiny logger=none resume.search_dir=null"
+FILE_BLOCK = re.compile(r"^```\w+ file=(\S+)\n(.*?)^```$", re.S | re.M)
+BASH_BLOCK = re.compile(r"^```bash\n(.*?)^```$", re.S | re.M)
 
 
-def copy_outside(example: str, tmp_path: Path) -> Path:
+def guide_files(guide: Path) -> dict[str, str]:
+    """`{path: text}` of every code block the guide tags as a complete file."""
+    return {path: text for path, text in FILE_BLOCK.findall(guide.read_text())}
+
+
+def guide_commands(guide: Path) -> list[str]:
+    """The guide's shell commands (lines of its bash blocks, comments dropped)."""
+    lines = [line.split("  #")[0].strip() for block in BASH_BLOCK.findall(guide.read_text()) for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def write_guide_files(guide: Path, example: str, tmp_path: Path) -> Path:
+    """The guide's file blocks written under a plugin folder outside the repository; returns that folder."""
     target = tmp_path / "my_plugins" / example
-    shutil.copytree(ROOT / "examples" / example, target, ignore=shutil.ignore_patterns("__pycache__"))
+    files = guide_files(guide)
+    assert files, f"{guide.name} shows no complete file"
+    for path, text in files.items():
+        assert path.startswith(f"examples/{example}/"), path
+        destination = target / path.removeprefix(f"examples/{example}/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_text(text)
     assert ROOT not in target.parents
     return target
 
@@ -37,46 +54,57 @@ def copy_outside(example: str, tmp_path: Path) -> Path:
 def run_guide(command: str, example: str, plugin: Path, outputs: Path, extra: str = "") -> subprocess.CompletedProcess:
     """A guide's shell command with the plugin folder moved, `python` = this interpreter, outputs in tmp."""
     command = command.replace(f"examples/{example}", str(plugin)).replace("outputs/multirun", str(outputs))
-    command = command.replace("python ", f"{sys.executable} ", 1)
+    command = re.sub(r"(^|\s)python ", lambda m: f"{m.group(1)}{shlex.quote(sys.executable)} ", command, count=1)
     return subprocess.run(["bash", "-c", f"{command} {extra}"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=os.environ | {"TQDM_DISABLE": "1"})
 
 
-def test_the_guides_print_the_commands_these_tests_run():
-    method_guide, task_guide = METHOD_GUIDE.read_text(), TASK_GUIDE.read_text()
-    assert METHOD_RUN in method_guide and REPORT_RUN in method_guide
-    assert TASK_RUN in task_guide and REPORT_RUN in task_guide
+@pytest.mark.parametrize("guide", [METHOD_GUIDE, TASK_GUIDE], ids=["method", "task"])
+def test_the_guides_complete_files_are_the_examples(guide):
+    for path, text in guide_files(guide).items():
+        assert (ROOT / path).read_text() == text, f"{guide.name}: the block for {path} differs from the file"
+    code = "\n".join(text for path, text in guide_files(guide).items() if path.endswith(".py"))
+    compile(code, guide.name, "exec")  # and complete Python: imports included
 
 
-def test_method_plugin_from_outside_the_repo_runs_in_a_sweep_and_reaches_the_report(tmp_path):
-    plugin = copy_outside("plugin_method", tmp_path)
+def _run_the_guide(guide: Path, example: str, tmp_path: Path) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    plugin = write_guide_files(guide, example, tmp_path)
     outputs = tmp_path / "outputs"
-    result = run_guide(METHOD_RUN, "plugin_method", plugin, outputs,
-                       f"{TINY} task.limit=2 hydra.sweep.dir={outputs}/sweep")
-    assert result.returncode == 0, result.stderr[-3000:]
+    commands = guide_commands(guide)
+    runs = [c for c in commands if "run.py" in c and example in c]
+    reports = [c for c in commands if "runners.report" in c]
+    assert runs and reports, f"{guide.name}: no run or report command found in its bash blocks"
+    results = []
+    for command in runs:
+        result = run_guide(command, example, plugin, outputs, f"{TINY} task.limit=2 hydra.sweep.dir={outputs}/sweep")
+        assert result.returncode == 0, result.stderr[-3000:]
+    for command in reports:
+        results.append(run_guide(command, example, plugin, outputs))
+        assert results[-1].returncode == 0, results[-1].stderr
+    return outputs, results
+
+
+def test_method_guide_as_written_runs_in_a_sweep_and_reaches_the_report(tmp_path):
+    outputs, shown = _run_the_guide(METHOD_GUIDE, "plugin_method", tmp_path)
     records = report.load_runs([outputs]).records
     assert sorted(r["method"] for r in records) == ["context", "recent_context"]
     assert all(r["status"] == "done" for r in records)
     plugin_run = next(r for r in records if r["method"] == "recent_context")
     assert plugin_run["config"]["method"]["_target_"] == "recent_context.RecentContextMethod"
     assert plugin_run["extra_storage_bytes"] > 0  # the kept context text
+    # in single injection the plugin prompts with the context, exactly as `context` does
+    context_run = next(r for r in records if r["method"] == "context")
+    assert plugin_run["metrics"]["qa_f1"] == pytest.approx(context_run["metrics"]["qa_f1"])
+    assert "| recent_context " in shown[0].stdout and "| context " in shown[0].stdout
 
-    shown = run_guide(REPORT_RUN, "plugin_method", plugin, outputs)
-    assert shown.returncode == 0, shown.stderr
-    assert "| recent_context " in shown.stdout and "| context " in shown.stdout
 
-
-def test_task_plugin_from_outside_the_repo_runs_in_a_sweep_and_reaches_the_report(tmp_path):
-    plugin = copy_outside("plugin_task", tmp_path)
-    outputs = tmp_path / "outputs"
-    result = run_guide(TASK_RUN, "plugin_task", plugin, outputs, f"{TINY} hydra.sweep.dir={outputs}/sweep")
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_task_guide_as_written_runs_in_a_sweep_and_reaches_the_report(tmp_path):
+    outputs, shown = _run_the_guide(TASK_GUIDE, "plugin_task", tmp_path)
     records = report.load_runs([outputs]).records
     assert sorted((r["task"], r["method"], r["status"]) for r in records) == [("csv_qa", "base", "done"),
                                                                                 ("csv_qa", "context", "done")]
-    assert records[0]["method_info"]["task"]["n_contexts"] == 3 and records[0]["method_info"]["task"]["n_questions"] == 6
-    shown = run_guide(REPORT_RUN, "plugin_task", plugin, outputs)
-    assert "| csv_qa " in shown.stdout
+    assert records[0]["method_info"]["task"]["n_contexts"] == 2 and records[0]["method_info"]["task"]["n_questions"] == 5
+    assert "| csv_qa " in shown[0].stdout
 
 
 @pytest.fixture()
