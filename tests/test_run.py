@@ -74,7 +74,7 @@ def test_cli_wrong_override_type_names_the_key(tmp_path):
 
 def test_wrong_types_and_unknown_keys_in_process():
     cfg = compose_config("model=tiny", "method=ft_sentences", "method.lr=fast", "method.update.mode=lora")
-    with pytest.raises(ConfigError, match=r"method.lr: expected float, got 'fast'"):
+    with pytest.raises(ConfigError, match=r"method.lr: expected float > 0, got 'fast' \(str\)"):
         build(cfg.method, "method", lm=None)
     cfg = compose_config("model=tiny", "+task.n_context=3")
     with pytest.raises(ConfigError, match=r"task.n_context: unknown option .* known options: .*n_contexts"):
