@@ -19,7 +19,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from core.types import KBenchError
+from core.types import KBenchError, Options
 from core.options import ConfigError, checkable, describe_hint, is_model, validate  # noqa: F401 (ConfigError: re-exported)
 
 
@@ -76,6 +76,26 @@ def check_config(node: DictConfig, key: str) -> None:
             continue
         plain = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
         validate(hint, plain, f"{key}.{name}")
+
+
+class ResumeOptions(Options):
+    """`resume`: conf/config.yaml documents each key."""
+
+    search_dir: str | None = "outputs"
+    checkpoint: bool = True
+    keep_checkpoints: bool = False
+
+
+def check_run(cfg: DictConfig) -> None:
+    """Everything a run reads from config, at every depth, before any data or model is loaded: the
+    model / method / task nodes against their targets, and the plain top-level options (a `+resume.x`
+    added with Hydra's `+` would otherwise be accepted and ignored)."""
+    for group in ("model", "method", "task"):
+        check_config(cfg[group], group)
+    validate(int, cfg.get("seed", 0), "seed")
+    validate(bool, cfg.get("force", False), "force")
+    if cfg.get("resume") is not None:
+        validate(ResumeOptions, OmegaConf.to_container(cfg.resume, resolve=True), "resume")
 
 
 def build(node: DictConfig, key: str, **runtime: Any) -> Any:

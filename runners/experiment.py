@@ -28,7 +28,7 @@ from core.records import PREDICTIONS_FILE, RunRecord, utc_now
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from methods.base import Method
 from runners import resume
-from runners.build import build, check_config
+from runners.build import build, check_run
 from runners.results import (  # noqa: F401 (BOOKKEEPING_KEYS, run_identity: re-exported)
     BOOKKEEPING_KEYS, final_results, run_identity, score_probe_set, setting_identity,
 )
@@ -113,8 +113,7 @@ class Experiment:
     def _run(self) -> None:
         cfg, record = self.cfg, self.record
         transformers.set_seed(cfg.seed)
-        for group in ("model", "method", "task"):  # every knob at every depth, before data or model load
-            check_config(cfg[group], group)
+        check_run(cfg)  # every knob at every depth, before any data or model is loaded
         task: Task = build(cfg.task, "task")
         steps = task.steps()
         record.method_info["task"] = task.describe()

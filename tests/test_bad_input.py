@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from core.types import KBenchError
-from runners.build import build, check_config
+from runners.build import build, check_run
 from runners.experiment import Experiment
 from tests.conftest import ROOT, compose_config, read_record
 
@@ -45,9 +45,7 @@ def jsonl(path: Path, rows) -> Path:
 def config(*overrides: str) -> Callable[[Path], str]:
     """A config case: compose like run.py, then check every group as the experiment does first."""
     def run(_: Path) -> str:
-        cfg = compose_config(*overrides)
-        for group in ("model", "method", "task"):
-            check_config(cfg[group], group)
+        check_run(compose_config(*overrides))
         return "accepted"
     return run
 
@@ -212,6 +210,9 @@ CASES: list[Case] = [
     Case(NESTED, "`+method.retriever_k=3` on `method=rag_bm25` (retriever options)",
          of(config("model=tiny", "method=rag_bm25", "+method.retriever_k=3")),
          r"^method\.retriever_k: unknown option for methods\.rag\.RagBm25; known options: \[.*'top_k'.*\]$"),
+    Case(NESTED, "`+resume.keep_checkpoint=true` (misspelled `keep_checkpoints`)",
+         of(config("model=tiny", "+resume.keep_checkpoint=true")),
+         r"^resume\.keep_checkpoint: unknown option; known options: \['checkpoint', 'keep_checkpoints', 'search_dir'\]$"),
     # ---- bounds on every knob
     Case(BOUNDS, "`method.epochs=0` (trained nothing, reported an adapter's storage)", of(config(*FT, "method.epochs=0")),
          r"^method\.epochs: expected int >= 1, got 0 \(int\)$"),
