@@ -109,3 +109,33 @@ def _env(extra: dict) -> dict:
     import os
 
     return os.environ | {"TQDM_DISABLE": "1"} | extra
+
+
+def test_dense_flat_search_works_without_faiss(monkeypatch, tmp_path):
+    """rag_dense's exact `flat` index falls back to NumPy when faiss is missing (the GPU machine has
+    none): same neighbours and scores, saved and loaded as index.npy; graph / cluster indexes need faiss."""
+    import numpy as np
+
+    from core.types import KBenchError
+    from methods.retrievers import DenseIndex
+
+    rng = np.random.default_rng(0)
+    stored, queries = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(70, 8)).astype(np.float32)
+    with_faiss = DenseIndex(8)
+    with_faiss.add(stored)
+    batches = (queries[:1], queries[:5], queries)  # the one-query, small-batch and large-batch paths
+    wanted = [with_faiss.search(batch, 3) for batch in batches]
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    without = DenseIndex(8)
+    without.add(stored[:20])
+    without.add(stored[20:])
+    assert len(without) == 50 and without.nbytes() == stored.nbytes
+    for batch, (want_ids, want_scores) in zip(batches, wanted):
+        ids, scores = without.search(batch, 3)
+        assert (ids == want_ids).all() and np.allclose(scores, want_scores, atol=1e-5)
+    without.save(tmp_path)
+    loaded = DenseIndex(8)
+    loaded.load(tmp_path)
+    assert (loaded.search(queries, 3)[0] == want_ids).all()
+    with pytest.raises(KBenchError, match="faiss"):
+        DenseIndex(8, kind="hnsw")
