@@ -153,9 +153,15 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "traceback": (record.get("method_info") or {}).get("traceback"),
             "inject_s": (record.get("timings") or {}).get("inject"),
             "extra_storage_bytes": record.get("extra_storage_bytes"),
-            **{f"metric/{k}": v for k, v in (record.get("metrics") or {}).items()},
+            **{f"metric/{k}": _number(v) for k, v in (record.get("metrics") or {}).items()},
         })
     return pd.DataFrame(rows, columns=None if rows else [*SETTING, "seed", "status", "error", "path", "traceback"])
+
+
+def _number(value):
+    """A metric as a float: records write non-finite numbers as "NaN" / "Infinity" / "-Infinity"
+    (RFC 8259 JSON, docs/records.md), which float() reads back."""
+    return float(value) if value in ("NaN", "Infinity", "-Infinity") else value
 
 
 def metric_names(frame: pd.DataFrame) -> list[str]:

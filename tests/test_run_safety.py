@@ -318,3 +318,13 @@ def test_a_record_without_input_digests_is_not_trusted(tmp_path):
     assert resume.input_changes(gone) == [f"{tmp_path / 'nope'} is gone"]
     with pytest.raises(KBenchError):
         resume.claim_folder(tmp_path, "y")  # it holds run x's record
+
+
+def test_the_report_reads_non_finite_metrics_back_as_numbers(tmp_path):
+    from tests.test_report import write_run
+
+    write_run(tmp_path / "a", "ft_sentences", 0, {"qa_f1": 0.5, "drift/ppl_ratio": float("inf")})
+    write_run(tmp_path / "b", "ft_sentences", 1, {"qa_f1": 0.7, "drift/ppl_ratio": 2.0})
+    assert '"drift/ppl_ratio": "Infinity"' in (tmp_path / "a/record.json").read_text()
+    table = report.summarize(report.runs_frame(report.load_runs([tmp_path]).records))
+    assert table.loc[0, "drift/ppl_ratio_mean"] == math.inf and table.loc[0, "qa_f1_mean"] == pytest.approx(0.6)
