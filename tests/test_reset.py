@@ -134,3 +134,20 @@ def test_update_options_reach_peft(tiny_lm):
     ranks = {p.shape[0] for n, p in tiny_lm.model.named_parameters() if "lora_A" in n}
     assert ranks == {2}
     assert OmegaConf.to_container(compose_config("method=ft_context", "method.update.lora.r=2").method)["update"]["lora"]["r"] == 2
+
+
+@pytest.mark.parametrize("name", ["base", "context", "rag_bm25", "recipe"])
+def test_methods_that_keep_knowledge_outside_the_weights_never_change_them(tiny_lm, name):
+    """The same hashes for the methods whose knowledge lives in the prompt, a store or a side module."""
+    from tasks.editing import EditingTask
+
+    task = EditingTask(n_edits=2, n_train=8, generate=False)
+    knobs = ["method.epochs=1", "method.retrieval_epochs=1", "method.cache=false"] if name == "recipe" else []
+    method = method_of(tiny_lm, f"method={name}", *knobs)
+    before = digest(tiny_lm)
+    method.prepare(task.training_knowledge())
+    for edit in task.edits:
+        method.inject([task.knowledge(edit)])
+    assert digest(tiny_lm) == before
+    method.reset()
+    assert digest(tiny_lm) == before
