@@ -89,8 +89,9 @@ def output_of(row: dict[str, Any], where: str) -> Answer | TargetScore:
         if "target_token_accuracy" not in row:
             raise RescoreError(f"{where}: a log-likelihood prediction without target_token_accuracy (written by an "
                                "older kbench); it cannot be rebuilt exactly")
-        return TargetScore(logprob=row["target_logprob"], n_tokens=row["target_tokens"],
-                           token_accuracy=row["target_token_accuracy"],
+        # float(): a non-finite value is written as "-Infinity" / "NaN" (strict JSON, docs/records.md)
+        return TargetScore(logprob=float(row["target_logprob"]), n_tokens=row["target_tokens"],
+                           token_accuracy=float(row["target_token_accuracy"]),
                            predicted_ids=tuple(row.get("target_predicted_ids") or ()))
     raise RescoreError(f"{where}: neither 'prediction' nor 'target_logprob': not a kbench predictions line")
 
