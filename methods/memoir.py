@@ -241,7 +241,8 @@ class MemoirMethod(Method):
         if not len(self.masks) or not queries:
             return [(None, 0.0)] * len(queries)
         index, overlap = best_match(self.masks_of([q.prompt for q in queries]), self.masks, self.k)
-        decisions = [(int(i) if float(o) >= self.threshold else None, float(o)) for i, o in zip(index, overlap)]
+        # one transfer for the whole batch of queries, not a float() per query
+        decisions = [(i if o >= self.threshold else None, o) for i, o in zip(index.tolist(), overlap.tolist())]
         self.routed["queries"] += len(decisions)
         self.routed["memory_on"] += sum(d is not None for d, _ in decisions)
         return decisions

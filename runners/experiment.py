@@ -195,11 +195,12 @@ class Experiment:
     def _check_divergence(self, method: Method, step_index: int) -> None:
         """Training that collapsed to a uniform model (issue 13: lr=1e9 finished `done`, every answer
         empty, drift 'improved' 35x). A uniform prediction scores exactly ln(vocab) per token, so:
-        - the last optimiser steps sit at ln(vocab) (within 1%), or
-        - the final loss is at or above ln(vocab) and above where training started (it got worse), or
+        - the last optimiser steps sit at ln(vocab) (within 0.2%: a collapsed model is uniform to the
+          fourth decimal, lr=1e9 on the tiny model gave 5.95064 for ln 384 = 5.95064), or
+        - the loss exploded past uniform (>= 1.5 x ln(vocab)) and ended above where it started, or
         - the loss is not finite.
-        A loss above ln(vocab) that training brought down is not flagged: the tiny test model, trained
-        only to copy random tokens, starts above uniform on prose and legitimately ends there too."""
+        Merely being near ln(vocab) is not flagged: the tiny test model, trained only to copy random
+        tokens, starts within 1% of uniform on prose and legitimately stays there for a few steps."""
         info = method.info()
         losses = [float(x) for x in (getattr(method, "losses", None) or [])]  # per optimiser step, if kept
         if not losses and isinstance(info.get("final_train_loss"), (int, float)):
@@ -211,11 +212,11 @@ class Experiment:
         reason = None
         if not math.isfinite(last):
             reason = f"the final train loss is {last}"
-        elif all(abs(x - uniform) <= 0.01 * uniform for x in losses[-2:]):
+        elif all(abs(x - uniform) <= 0.002 * uniform for x in losses[-2:]):
             reason = f"the train loss sits at ln(vocab) = {uniform:.3f}, a uniform model's (last: {last:.3f})"
-        elif len(losses) > 1 and last >= uniform and last > losses[0]:
-            reason = (f"the train loss rose from {losses[0]:.3f} to {last:.3f}, at or above ln(vocab) = {uniform:.3f} "
-                      "(a uniform model's)")
+        elif len(losses) > 1 and last >= 1.5 * uniform and last > losses[0]:
+            reason = (f"the train loss rose from {losses[0]:.3f} to {last:.3f}, past 1.5 x ln(vocab) = "
+                      f"{1.5 * uniform:.3f} (a uniform model scores {uniform:.3f})")
         if reason:
             self.record.diverged = {"reason": f"training diverged: {reason}", "step": step_index}
             log.warning("step %d: %s", step_index, self.record.diverged["reason"])

@@ -9,12 +9,13 @@ pytest (carried as wheels in `.gpu-wheels/`, put on the path by this script), no
 bm25s, rapidfuzz, gguf or submitit (never needed: logger=none, BM25 without bm25s's stop words, dense RAG
 through NumPy when faiss is absent). No weights travel: `model=tiny` and random-initialised Llama-shaped
 models built from a config; the sentence encoder (dense RAG, RECIPE) is a random tiny BERT built here.
-Wheels (downloaded on a connected machine, see README "GPU check"):
+Wheels (downloaded on a connected machine; the same command is in README "GPUs"):
 
-    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-        -d .gpu-wheels hydra-core==1.3.2 omegaconf==2.3.0 pydantic==2.11.7 pydantic-core==2.33.2 annotated-types==0.7.0 \
-        typing-inspection==0.4.1 pytest==8.4.1 pluggy==1.6.0 iniconfig==2.1.0
-    python -m pip wheel --no-deps -w .gpu-wheels antlr4-python3-runtime==4.9.3   # sdist only: build its wheel
+    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+        --abi none --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .gpu-wheels \
+        hydra-core==1.3.8 omegaconf==2.3.1 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+        typing-inspection==0.4.5 typing-extensions==4.16.0 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0
+    python -m pip wheel --no-deps --no-build-isolation -w .gpu-wheels antlr4-python3-runtime==4.9.3   # sdist only
 
 Parts:
   a. the tests marked `cuda` (tests/test_cuda.py) and the CPU policy tests, through pytest;
