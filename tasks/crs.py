@@ -107,7 +107,17 @@ def load_catalogue(dataset_dir: str | Path) -> Catalogue:
         raise DataError(f"{folder / 'entity2id.json'}: expected {ENTITY_FORMAT}")
     if not isinstance(items, list):
         raise DataError(f"{folder / 'item_ids.json'}: expected {ITEMS_FORMAT}")
-    id_to_title = {int(i): entity_title(uri) for uri, i in entities.items()}
+    id_to_title: dict[int, str] = {}
+    first_uri: dict[int, str] = {}
+    for uri, i in entities.items():
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise DataError(f"{folder / 'entity2id.json'}: the id of {uri!r} must be a number, got {i!r}. Expected {ENTITY_FORMAT}")
+        if i in first_uri:  # two URIs under one id: one title would silently replace the other
+            raise DataError(f"{folder / 'entity2id.json'}: id {i} is given to both {first_uri[i]!r} and {uri!r}; "
+                            "every entity needs its own id")
+        first_uri[i], id_to_title[i] = uri, entity_title(uri)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in items):
+        raise DataError(f"{folder / 'item_ids.json'}: every item id must be a number. Expected {ITEMS_FORMAT}")
     unknown = [i for i in items if int(i) not in id_to_title]
     if unknown:
         raise DataError(f"{folder / 'item_ids.json'}: ids {unknown[:5]} are not in entity2id.json")

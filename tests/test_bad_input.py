@@ -97,6 +97,14 @@ def crs(rows, **knobs) -> Callable[[Path], Callable[[Path], str]]:
     return setup
 
 
+def crs_catalogue(entities: dict) -> Callable[[Path], Callable[[Path], str]]:
+    def setup(folder: Path) -> Callable[[Path], str]:
+        data = _crs_folder(folder, [crs_turn("d1", 1)])
+        (data / "entity2id.json").write_text(json.dumps(entities))
+        return task_steps("task=inspired", f"task.dataset_dir={data}", "task.knowledge_source=none")
+    return setup
+
+
 def redial(conversations) -> Callable[[Path], Callable[[Path], str]]:
     def setup(folder: Path) -> Callable[[Path], str]:
         data = _crs_folder(folder, [crs_turn("d1", 1)])
@@ -293,6 +301,9 @@ CASES: list[Case] = [
          r"counterfact\.json:12: duplicate case_id '0', first at .*counterfact\.json:2; every case_id must be unique"),
     Case(DUPLICATES, "CRS turn (dialog_id, turn_id) twice", crs([crs_turn("d1", 1), crs_turn("d2", 1), crs_turn("d1", 1)]),
          r"test\.jsonl:3: duplicate turn \(dialog_id, turn_id\) 'd1/d1_t1', first at .*test\.jsonl:1"),
+    Case(DUPLICATES, "CRS `entity2id.json` giving one id to two entities",
+         crs_catalogue({URI.format("Heat"): 0, URI.format("Alien"): 0}),
+         r"entity2id\.json: id 0 is given to both '<http://dbpedia\.org/resource/Heat>' and '<http://dbpedia\.org/resource/Alien>'"),
     Case(DUPLICATES, "ReDial `conversationId` twice", redial([conversation("5"), conversation("5")]),
          r"train_data\.jsonl:2: duplicate conversationId '5', first at .*train_data\.jsonl:1"),
     Case(DUPLICATES, "PwC row repeated", pwc([PWC_OK, PWC_OK, PWC_OK | {"prompt": "When?", "answer": "1911"}]),
