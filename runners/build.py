@@ -37,7 +37,9 @@ def _init_parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
         params = {k: v for k, v in signature.items() if k != "self" and v.kind is not v.VAR_KEYWORD} | params
         if not any(p.kind is p.VAR_KEYWORD for p in signature.values()):
             return params, False
-    return params, True
+    # every __init__ passed **kwargs on (then anything may be accepted), or there was none but object's,
+    # which takes no options: `+method.sentences.n=3` on TaskSentences must not be ignored
+    return params, bool(params) or any("__init__" in vars(k) for k in target.__mro__ if k is not object)
 
 
 def _hints(target: Any) -> dict[str, Any]:
