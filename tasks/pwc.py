@@ -57,7 +57,8 @@ class PwCTask(ContextQATask):
         removed is dropped and counted (an empty gold would score an empty prediction 1.0); a repeated
         (context, question) row is dropped and counted with the same answer, refused with another; a
         context that reappears after other contexts is merged into its first occurrence with a warning
-        naming both file:lines, and counted (it would otherwise be injected twice, as two contexts)."""
+        naming both file:lines, each such row counted under `repeated_context_merged` (it would
+        otherwise be injected twice, as two contexts)."""
         groups: list[tuple[str, list[tuple[str, tuple[str, ...]]]]] = []
         first_line: dict[str, tuple[str, int]] = {}  # context -> (where first seen, its group)
         asked: dict[tuple[str, str], tuple[str, str]] = {}  # (context, question) -> (answer, where)
