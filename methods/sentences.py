@@ -81,7 +81,11 @@ class _CachedGenerator(SentenceSource):
         key = stable_hash([knowledge.context, self.identity(lm)])
         path = cache_dir("sentences") / f"{key}.json"
         if path.is_file():
-            return read_json(path, "a cached JSON list of sentences")
+            cached = read_json(path, "a cached JSON list of sentences")
+            if isinstance(cached, list) and cached and all(isinstance(c, str) and c.strip() for c in cached):
+                return cached
+            # a cache entry edited or cut short by hand must not become empty or non-text training targets
+            log.warning("%s is not a list of non-empty sentences; generating them again", path)
         pairs: list[tuple[str, str]] = []
         # each attempt samples and answers a batch: seconds on CPU, so a sweep's first run shows it
         with progress(total=self.n_sentences, desc=f"sentences for {knowledge.id}") as bar:
