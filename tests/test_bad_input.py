@@ -451,3 +451,23 @@ def test_base_locality_is_exactly_one_with_unique_ids_and_duplicates_are_refused
                  "task.n_train=0")
     assert record["status"] == "failed"
     assert re.search(rf"{duplicated}:\d+: duplicate case_id '0', first at {duplicated}:2", record["error"])
+
+
+def test_a_broken_sentence_cache_entry_is_generated_again(tiny_lm, tmp_path, monkeypatch):
+    """Cached generated sentences are an input too: an entry that is not a list of non-empty strings
+    (edited or cut short by hand) is not trained on."""
+    from core.io import cache_dir, stable_hash
+    from core.types import Knowledge
+    from methods.sentences import LocalGenerator
+
+    monkeypatch.setenv("KBENCH_CACHE", str(tmp_path / "cache"))  # after the model is built: only sentences move
+    generator = build(compose_config("model=tiny", "method=ft_sentences", "method.sentences.generator.n_sentences=2",
+                                     "method.sentences.generator.max_attempts=2").method.sentences.generator,
+                      "method.sentences.generator")
+    assert isinstance(generator, LocalGenerator)
+    item = Knowledge("k", PWC_OK["input"])
+    path = cache_dir("sentences") / f"{stable_hash([item.context, generator.identity(tiny_lm)])}.json"
+    path.write_text(json.dumps(["", None]))
+    sentences = generator(item, tiny_lm)
+    assert sentences and all(isinstance(s, str) and s.strip() for s in sentences)
+    assert json.loads(path.read_text()) == sentences
