@@ -40,7 +40,7 @@ def require_file(path: str | Path, expected_format: str) -> Path:
 def _decode(path: Path, data: bytes, fmt: str) -> str:
     """UTF-8 text of a file; undecodable bytes raise `DataError` naming file:line (not a byte offset)."""
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a BOM (Windows editors) is not content
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[err.start:err.start + 1]!r}). "

@@ -60,7 +60,8 @@ def task_steps(*overrides: str, describe: str | None = None) -> Callable[[Path],
         dropped = info.get(describe or "dropped") or {}
         if "source_data" in info:
             dropped = info["source_data"].get("dropped") or {}
-        return "dropped and counted in the record: " + ", ".join(f"{k}={v}" for k, v in dropped.items() if v)
+        counts = ", ".join(f"{k}={v}" for k, v in dropped.items() if v)
+        return f"dropped and counted in the record: {counts}" if counts else "accepted, nothing dropped"
     return run
 
 
@@ -330,6 +331,9 @@ CASES: list[Case] = [
          r"counterfact\.json:3: not UTF-8 text"),
     Case(DECODING, "drift text file with a bad byte", drift(text=b"A plain sentence.\nAnother \xff one.\n"),
          r"generic\.txt:2: not UTF-8 text"),
+    Case(DECODING, "PwC file saved with a byte-order mark (Windows editors)",
+         pwc(None, raw="\ufeff".encode() + json.dumps(PWC_OK).encode() + b"\n"),
+         r"^accepted, nothing dropped$"),
     Case(DECODING, "PwC line that is not JSON", pwc(None, raw=b'{"input": "x", "prompt": "q", "answer": "a"}\n{oops\n'),
          r"pwc\.jsonl:2: not valid JSON"),
 ]
