@@ -166,6 +166,22 @@ def _umask() -> int:
     return current
 
 
+def default_modes(root: str | Path) -> None:
+    """Give `root` (a file, or a folder and everything in it) the modes `open()` / `mkdir()` would:
+    0666 / 0777 minus the umask. safetensors' save_file and tempfile.mkdtemp create 0600 files and
+    0700 folders, so a saved adapter or a converted model would be unreadable to colleagues who can
+    read everything else (a shared cluster folder or $KBENCH_CACHE)."""
+    root = Path(root)
+    umask = _umask()
+    paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+    for path in paths:
+        if path.is_symlink() or not path.exists():
+            continue
+        wanted = (0o777 if path.is_dir() else 0o666) & ~umask
+        if path.stat().st_mode & 0o777 != wanted:
+            path.chmod(wanted)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temp file in the same directory and rename, so readers never see half a file.
 

@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from core.io import cache_dir, note_input, stable_hash
+from core.io import cache_dir, default_modes, note_input, stable_hash
 from core.lm import LM
 from core.progress import heartbeat
 from core.types import KBenchError, NonNegativeInt, PositiveInt
@@ -80,6 +80,7 @@ def materialise_embedded(name: str) -> Path:
         try:
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
+            default_modes(staging)  # mkdtemp's 0700 and safetensors' 0600: a shared cache must be readable
             os.replace(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from core.encoder import load_sentence_encoder
-from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
+from core.io import atomic_write_json, cache_dir, default_modes, note_input, read_json, stable_hash
 from core.lm import LM
 from core.options import ConfigError, checked
 from core.progress import progress
@@ -432,6 +432,7 @@ class Recipe(Method):
                     "prepare": json.dumps(self.prepare_info)}
         staging = path.with_suffix(".tmp")
         save_file(tensors, str(staging), metadata=metadata)
+        default_modes(staging)  # safetensors writes 0600
         staging.replace(path)
 
     def load(self, path: str | Path) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from core.io import append_jsonl, clear_inputs, file_digest, noted_inputs, write_jsonl
+from core.io import append_jsonl, clear_inputs, default_modes, file_digest, noted_inputs, write_jsonl
 from core.records import PREDICTIONS_FILE, RunRecord, utc_now
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from methods.base import Method
@@ -106,6 +106,7 @@ class Experiment:
         finally:
             self.record.timings["total"] = round(time.perf_counter() - started, 3)
             self.record.finished_at = utc_now()
+            default_modes(self.output_dir)  # what methods and tasks saved (safetensors: 0600) reads like the rest
             self._write()
             self._finish_logger()
         return self.record

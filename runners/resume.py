@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from core.io import atomic_write_json, file_digest
+from core.io import atomic_write_json, default_modes, file_digest
 from core.records import PREDICTIONS_FILE, RECORD_FILE
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from runners.rescore import output_of  # a predictions line -> the method output, as offline rescoring does
@@ -189,6 +189,7 @@ def write_checkpoint(output_dir: Path, run_id: str, steps_done: int, method: Any
         if not method.save_state(state):
             shutil.rmtree(directory)
             return None
+    default_modes(directory)  # safetensors writes 0600: the checkpoint reads like the rest of the folder
     atomic_write_json(directory / CHECKPOINT_FILE, {
         "run_id": run_id, "steps_done": steps_done, "method_state": state.name if state else None,
     })

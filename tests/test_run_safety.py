@@ -176,7 +176,9 @@ def test_a_run_that_diverged_to_a_uniform_model_is_failed_and_not_tabled(tmp_pat
 @pytest.mark.parametrize("overrides", [
     ["method=ft_context", "method.epochs=1", "task.limit=2", "resume.keep_checkpoints=true"],  # done, checkpoints kept
     ["method=ft_context", "method.lr=nan", "task.limit=1"],  # the NaN in the config
-], ids=["done", "nan-config"])
+    ["task=sequential", "task.n_sequences=1", "task.length=2", "task.source.n_contexts=2", "method=ft_context",
+     "method.epochs=1", "resume.keep_checkpoints=true"],  # a saved LoRA adapter (safetensors writes 0600)
+], ids=["done", "nan-config", "method-state"])
 def test_every_file_a_run_writes_is_strict_json_with_the_folders_permissions(tmp_path, overrides):
     run_dir = tmp_path / "run"
     run_cli(*TINY, *overrides, f"hydra.run.dir={run_dir}", cwd=ROOT)
@@ -189,6 +191,8 @@ def test_every_file_a_run_writes_is_strict_json_with_the_folders_permissions(tmp
     for path in written:
         for line in (path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]):
             strict(line)
+    if "task=sequential" in overrides:
+        assert list(run_dir.glob("checkpoints/step-*/method/*.safetensors"))
     hydra_mode = (run_dir / ".hydra/config.yaml").stat().st_mode & 0o777  # written by Hydra with open()
     assert {p.relative_to(run_dir).as_posix(): p.stat().st_mode & 0o777 for p in files} == \
         {p.relative_to(run_dir).as_posix(): hydra_mode for p in files}
