@@ -312,7 +312,10 @@ def part_c(out: Path, device: str, dry_run: bool, encoder: str) -> dict:
     from methods.selfparam import SelfParam
     from methods.sentences import TaskSentences
 
+    from core.models import apply_backend_settings, dtype_policy
+
     dtype = torch.float32 if dry_run else torch.bfloat16
+    apply_backend_settings(dtype_policy("auto", device))  # TF32 for the fp32 adapters, as load_lm would on CUDA
     clock = Clock(device)
     lora = {"mode": "lora", "lora": {"r": 8, "alpha": 32, "dropout": 0.0,
                                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
