@@ -65,6 +65,11 @@ def checked(prefix: str) -> Callable:
     return wrap
 
 
+def as_dict(options: pydantic.BaseModel | dict[str, Any] | None) -> dict[str, Any]:
+    """An option group as a plain dict, whether Hydra passed a dict or Python an options model."""
+    return options.model_dump() if isinstance(options, pydantic.BaseModel) else dict(options or {})
+
+
 def validate(hint: Any, value: Any, key: str) -> Any:
     """`value` validated against `hint` (a nested option model at any depth included); the first
     error raises `ConfigError` naming the full key (`method.update.lora.r`) and what it accepts."""

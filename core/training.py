@@ -23,7 +23,7 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from core.lm import LM
-from core.options import validate
+from core.options import as_dict, validate
 from core.progress import progress
 from core.types import NonEmptyStr, NonFiniteLossError, Options, PositiveInt
 
@@ -61,7 +61,7 @@ class WeightUpdate:
     """
 
     def __init__(self, lm: LM, mode: str = "lora", lora: dict[str, Any] | LoraOptions | None = None, seed: int = 0) -> None:
-        options = validate(UpdateOptions, {"mode": mode, "lora": _plain(lora)}, "method.update")
+        options = validate(UpdateOptions, {"mode": mode, "lora": as_dict(lora)}, "method.update")
         self.lm, self.mode, self.seed = lm, options.mode, seed
         self.lora = options.lora.model_dump()  # a plain dict: saved in update.json and compared on load
         self._original: dict[str, torch.Tensor] | None = None  # snapshot for reset when base weights change
@@ -208,10 +208,6 @@ class WeightUpdate:
             if "lora_" not in name and plain not in saved and keep(plain, p):
                 saved[plain] = p.detach().to("cpu", copy=True)
         self._original = saved
-
-
-def _plain(value: Any) -> Any:
-    return value.model_dump() if isinstance(value, Options) else dict(value or {})
 
 
 def _peft_targets(targets: list[str] | str) -> list[str] | str:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from core.options import validate
+from core.options import as_dict, validate
 from core.training import UpdateOptions, WeightUpdate, train
 from core.types import Knowledge, NonNegativeFloat, PositiveFloat, PositiveInt
 from methods.base import Method
@@ -46,7 +46,7 @@ class FineTuneMethod(Method):
         super().__init__(lm)
         # Hydra passes the option group as a dict, a direct caller may pass UpdateOptions: validated either
         # way, at every depth (a misspelled key is refused and named, never ignored)
-        update = validate(UpdateOptions, update.model_dump() if isinstance(update, UpdateOptions) else update, "method.update")
+        update = validate(UpdateOptions, as_dict(update), "method.update")
         self.weights = WeightUpdate(lm, mode=update.mode, lora=update.lora, seed=seed)
         self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
         self.weight_decay, self.max_grad_norm, self.merge, self.seed = weight_decay, max_grad_norm, merge, seed

@@ -41,7 +41,7 @@ from core.io import (
     atomic_write_json, cache_dir, note_input, read_json, read_jsonl_numbered, read_lines, stable_hash, text_field,
 )
 from core.lm import LM
-from core.options import ConfigError, validate
+from core.options import ConfigError, as_dict, validate
 from core.progress import progress
 from core.types import (
     GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt,
@@ -61,10 +61,6 @@ class RegularisationOptions(Options):
     max_tokens: PositiveInt = 32
     temperature: PositiveFloat = 1.0
     seed: int = 0
-
-
-def _plain(options: Options | dict[str, Any] | None) -> dict[str, Any]:
-    return options.model_dump() if isinstance(options, Options) else dict(options or {})
 
 
 @dataclass
@@ -125,7 +121,7 @@ class SelfParam(FineTuneMethod):
         self.teacher, self.teacher_top_k, self.teacher_batch_size = teacher, teacher_top_k, teacher_batch_size
         self.continuation_ratio, self.regularisation_ratio = continuation_per_sentence, regularisation_per_sentence
         self.context_on_regularisation = context_on_regularisation
-        options = validate(RegularisationOptions, _plain(regularisation), "method.regularisation")
+        options = validate(RegularisationOptions, as_dict(regularisation), "method.regularisation")
         if options.source == "file" and not options.path:
             raise ConfigError("method.regularisation.path: required when method.regularisation.source=file "
                               "(a .txt file, one text per line, or .jsonl with {\"text\": ...})")
