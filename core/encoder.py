@@ -30,8 +30,19 @@ def resolve_encoder_path(name_or_path: str) -> str:
 
 
 def load_sentence_encoder(name_or_path: str = "embedded:all-minilm-l6-v2", device: str = "cpu"):
-    """A `SentenceTransformer`; local folders load without touching the network."""
+    """A `SentenceTransformer`; local folders load without touching the network, from safetensors only
+    (a pickle-only folder is refused, as for models), and a hub id fails at once without a reachable hub."""
     from sentence_transformers import SentenceTransformer
 
+    from core.io import note_input
+    from core.models import _weight_files, hub_unreachable
+
     source = resolve_encoder_path(name_or_path)
-    return SentenceTransformer(source, device=device, local_files_only=Path(source).is_dir())
+    local = Path(source).is_dir()
+    if local:
+        for weights in _weight_files(Path(source), False, f"encoder {name_or_path}", recursive=True):
+            note_input(weights)
+    elif reason := hub_unreachable():
+        raise KBenchError(f"encoder {name_or_path!r} is not a local folder, so it was taken as a hub id, but the hub "
+                          f"is unreachable ({reason}). Use embedded:all-minilm-l6-v2 or a local folder.")
+    return SentenceTransformer(source, device=device, local_files_only=local, model_kwargs={"use_safetensors": True})

@@ -171,13 +171,15 @@ def hub_unreachable() -> str | None:
     return None
 
 
-def _weight_files(folder: Path, allow_pickle: bool, name: str) -> list[Path]:
+def _weight_files(folder: Path, allow_pickle: bool, name: str, recursive: bool = False) -> list[Path]:
     """The weight files a local model folder would be loaded from. A folder with only pickled weights
-    (pytorch_model.bin, ...) is refused unless `allow_pickle`: unpickling can run arbitrary code."""
-    safe = sorted(folder.glob("*.safetensors"))
+    (pytorch_model.bin, ...) is refused unless `allow_pickle`: unpickling can run arbitrary code.
+    `recursive`: sentence-transformers folders keep module weights in subfolders."""
+    files = sorted(folder.rglob("*") if recursive else folder.iterdir())
+    safe = [f for f in files if f.suffix == ".safetensors"]
     if safe:
         return safe
-    pickles = sorted(f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    pickles = [f for f in files if f.suffix in PICKLE_SUFFIXES]
     if pickles and not allow_pickle:
         raise KBenchError(
             f"model {name!r} has only pickled weights ({', '.join(f.name for f in pickles)}): loading a pickle "

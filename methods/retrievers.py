@@ -389,9 +389,14 @@ class DprEncoder(TextEncoder):
                 raise KBenchError(f"method.{role}: DPR needs a local model folder, got {path!r}")
         self.name = f"dpr:{question_encoder}|{context_encoder}"
         self.normalize, self.batch_size, self.device, self.max_length = normalize, batch_size, device, max_length
+        from core.models import _weight_files  # safetensors only, as for models: a pickle can run code
+
+        for path in (question_encoder, context_encoder):
+            _weight_files(Path(path).expanduser(), False, f"DPR encoder {path}")
         load = dict(local_files_only=True)
-        self.question_model = DPRQuestionEncoder.from_pretrained(question_encoder, **load).to(device).eval()
-        self.context_model = DPRContextEncoder.from_pretrained(context_encoder, **load).to(device).eval()
+        weights = dict(use_safetensors=True)
+        self.question_model = DPRQuestionEncoder.from_pretrained(question_encoder, **load, **weights).to(device).eval()
+        self.context_model = DPRContextEncoder.from_pretrained(context_encoder, **load, **weights).to(device).eval()
         self.question_tokenizer = AutoTokenizer.from_pretrained(question_encoder, **load)
         self.context_tokenizer = AutoTokenizer.from_pretrained(context_encoder, **load)
         self.dim = int(self.question_model.config.hidden_size)

@@ -340,3 +340,16 @@ def test_a_predictions_line_with_an_infinite_logprob_is_read_back_for_resume_and
 
     row = strict(to_json({"target_logprob": float("-inf"), "target_tokens": 2, "target_token_accuracy": 0.5}))
     assert row["target_logprob"] == "-Infinity" and output_of(row, "here").logprob == -math.inf
+
+
+def test_encoders_follow_the_same_rules_as_models(pickle_only_model, monkeypatch):
+    """Dense RAG / RECIPE encoders: a pickle-only folder is refused, a hub id without a hub fails at once."""
+    from core.encoder import load_sentence_encoder
+
+    with pytest.raises(KBenchError, match=r"only pickled weights \(pytorch_model.bin\)"):
+        load_sentence_encoder(str(pickle_only_model))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(KBenchError, match=r"hub is unreachable \(HF_HUB_OFFLINE is set\)"):
+        load_sentence_encoder("nobody-here/no-such-encoder")
+    assert time.monotonic() - started < 5
