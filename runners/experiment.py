@@ -156,6 +156,7 @@ class Experiment:
 
         final = final_results(task, all_results, self.output_dir)
         record.metrics, record.metric_protocols = final["metrics"], final["metric_protocols"]
+        record.metric_uncertainty = final["metric_uncertainty"]
         record.task_report = final["task_report"]
         record.method_info |= method.info()
         if record.diverged is None and _all_empty(all_results) and record.method_info.get("final_train_loss") is not None:

@@ -4,6 +4,7 @@ scored results. Kept free of model code (no torch / transformers import), so res
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from core.io import stable_hash
 from core.types import Answer, ProbeSet, TargetScore
+from metrics.uncertainty import DEFAULT_RESAMPLES, bootstrap_mean
 from tasks.base import ProbeResult, Task
 
 # keys that do not change what a run computes (excluded from its identity)
@@ -43,10 +45,33 @@ def score_probe_set(
     return [ProbeResult(step_index, probe_set.name, p, out, s) for p, out, s in zip(probe_set.probes, outputs, scores)]
 
 
+def metric_uncertainty(task: Task, results: Sequence[ProbeResult], metrics: dict[str, float],
+                       n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """`{metric: {"se", "ci95": [lo, hi], "n_units", "unit"}}`: the cluster-bootstrap standard error and 95 %
+    percentile interval of each final metric that is a mean over the task's sample of it
+    (`Task.metric_samples`: questions, edits, dialogues). A metric whose sample does not average to its
+    value (a ratio, a retention AUC, a perplexity) or holds a non-finite value gets none. Deterministic:
+    fixed `seed`."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, sample in task.metric_samples(results).items():
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)) or not sample.values or not all(map(math.isfinite, sample.values)):
+            continue
+        interval = bootstrap_mean(sample.values, sample.units, n_resamples=n_resamples, seed=seed)
+        if not math.isclose(interval.mean, value, rel_tol=1e-9, abs_tol=1e-12):
+            continue  # not the mean of this sample: no interval rather than a wrong one
+        out[name] = {"se": interval.se, "ci95": [interval.low, interval.high], "n_units": interval.n_units,
+                     "unit": sample.unit}
+    return out
+
+
 def final_results(task: Task, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
-    """The record's `metrics`, `metric_protocols` and `task_report` from every probe result of a run."""
+    """The record's `metrics`, `metric_protocols`, `metric_uncertainty` and `task_report` from every probe
+    result of a run."""
+    metrics = task.summarize(results)
     return {
-        "metrics": task.summarize(results),
+        "metrics": metrics,
         "metric_protocols": task.metric_protocols(),
+        "metric_uncertainty": metric_uncertainty(task, results, metrics),
         "task_report": task.report(results, output_dir),
     }

@@ -54,6 +54,16 @@ class ProbeResult:
         return row | self.extra
 
 
+@dataclass
+class MetricSample:
+    """The values a final metric is the micro-average of, each with its independent unit (`unit` names
+    the kind: question, edit, dialogue); units is parallel to values."""
+
+    values: list[float]
+    units: list[str]
+    unit: str
+
+
 def mean_metrics(results: Iterable[ProbeResult]) -> dict[str, float]:
     """Micro-average of every metric over the given probe results."""
     sums: dict[str, float] = {}
@@ -98,6 +108,19 @@ class Task(ABC):
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         """Final flat metrics of the run. Default: the mean over every probe of every step."""
         return mean_metrics(results)
+
+    def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
+        """What each final metric averages, for its bootstrap interval (runners.results.metric_uncertainty):
+        per metric name, the values and the independent unit each belongs to. Default: every per-probe
+        metric, the unit being the question (a probe id asked at several steps is one unit). A metric whose
+        sample does not average to its `summarize` value (a ratio, a retention summary) gets no interval."""
+        samples: dict[str, MetricSample] = {}
+        for result in results:
+            for name, value in result.metrics.items():
+                sample = samples.setdefault(name, MetricSample([], [], "question"))
+                sample.values.append(value)
+                sample.units.append(result.probe.query.id)
+        return samples
 
     def report(self, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
         """Structured results beyond the flat metrics (e.g. a retention matrix), stored under

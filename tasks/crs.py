@@ -45,7 +45,7 @@ from core.options import checked
 from core.types import NonNegativeInt, PositiveInt
 from core.types import Answer, DataError, GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
 from metrics import ranking
-from tasks.base import ProbeResult, Task
+from tasks.base import MetricSample, ProbeResult, Task
 
 REFERENCE_PROMPT = (
     "Pretend you are a movie recommender system. \n I will give you a conversation between a user and you "
@@ -458,6 +458,24 @@ class CRSTask(Task):
 
     def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         return self.summarize(results)
+
+    def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
+        """The unit is the dialogue: ranking metrics per (turn, gold item), list counts per turn."""
+        samples: dict[str, MetricSample] = {}
+
+        def add(name: str, value: float, dialogue: str) -> None:
+            sample = samples.setdefault(name, MetricSample([], [], "dialogue"))
+            sample.values.append(value)
+            sample.units.append(dialogue)
+
+        for result in results:
+            dialogue = str(result.probe.meta.get("dialog_id", result.probe.query.id))
+            for gold in self._gold_results([result], self.filter_oov, self.exclude_seen):
+                for name, value in gold.scores.items():
+                    add(name, value, dialogue)
+            for name in ("list_items", "catalogue_items"):
+                add(name, result.metrics[name], dialogue)
+        return samples
 
     def setting_name(self, filter_oov: bool, exclude_seen: bool) -> str:
         """The reference's name of a filter x exclude-seen setting."""

@@ -48,7 +48,7 @@ from core.types import (
     Query, Step, TargetScore,
 )
 from metrics import editing as metrics
-from tasks.base import ProbeResult, Task
+from tasks.base import MetricSample, ProbeResult, Task
 from tasks.synthetic import KINDS, generate_items
 
 ZSRE_FORMAT = (
@@ -418,18 +418,31 @@ class EditingTask(Task):
                 scores.append({f"{name}_{k}": v for k, v in metrics.generated_scores(output.text, probe.answers[0]).items()})
         return scores
 
-    def _aggregate(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+    @staticmethod
+    def _pairs(results: Sequence[ProbeResult]) -> dict[str, list[tuple[str, float]]]:
+        """Per metric, (edit id, value) of every probe that scored it."""
         by_metric: dict[str, list[tuple[str, float]]] = {}
         for result in results:
             for name, value in result.metrics.items():
                 by_metric.setdefault(name, []).append((result.probe.knowledge_id, value))
-        return {name: metrics.macro_average(metrics.group_by_edit(pairs)) for name, pairs in by_metric.items()}
+        return by_metric
+
+    def _aggregate(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+        return {name: metrics.macro_average(metrics.group_by_edit(pairs)) for name, pairs in self._pairs(results).items()}
 
     def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         return self._aggregate(results)
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         return self._aggregate(results)
+
+    def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
+        """The unit is the edit with all its probes: each metric's per-edit means (the macro average's terms)."""
+        samples: dict[str, MetricSample] = {}
+        for name, pairs in self._pairs(results).items():
+            grouped = metrics.group_by_edit(pairs)
+            samples[name] = MetricSample([sum(v) / len(v) for v in grouped.values()], list(grouped), "edit")
+        return samples
 
     def locality_kinds(self) -> list[str]:
         return sorted({kind for e in self.edits for kind in e.locality_kinds})

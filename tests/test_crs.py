@@ -215,6 +215,22 @@ def test_scoring_parses_prefix_plus_generation_and_averages_per_gold_item(mini_d
     assert "parser=he2023" in protocols["recall@1"]
 
 
+def test_crs_intervals_resample_whole_dialogues(mini_dataset):
+    from metrics.uncertainty import bootstrap_mean
+    from runners.results import metric_uncertainty
+
+    task = mini_task(mini_dataset, knowledge_source="none", answer_prefix="\n1.", ks=[1, 5])
+    results = results_for(task, {"d1/d1_t1": " Alien\n2. Heat", "d1/d1_t2": " Aliens\n2. The Matrix\n3. Heat",
+                                 "d3/d3_t1": " Spiderman"})
+    metrics = task.summarize(results)
+    stored = metric_uncertainty(task, results, metrics)
+    # recall@1 per gold item: d1 (3 golds) 1, 0, 0; d2 (Up) 1; d3 (Spider Man) 1; d4 (The Matrix) 0 -> 4 dialogues
+    assert stored["recall@1"]["unit"] == "dialogue" and stored["recall@1"]["n_units"] == 4
+    expected = bootstrap_mean([1, 0, 0, 1, 1, 0], ["d1", "d1", "d1", "d2", "d3", "d4"])
+    assert stored["recall@1"]["se"] == pytest.approx(expected.se) and expected.mean == metrics["recall@1"] == 0.5
+    assert stored["list_items"]["n_units"] == 4
+
+
 def test_filter_and_exclusion_knobs_change_the_flat_metrics_and_their_protocol(mini_dataset):
     task = mini_task(mini_dataset, knowledge_source="none", answer_prefix="\n1.", ks=[1],
                      filter_oov=True, oov_threshold=0, exclude_seen=True)

@@ -94,3 +94,67 @@ def test_compare_groups_editing_probes_by_edit_and_refuses_unpaired_runs(tmp_pat
     none = _run(tmp_path / "d", "editing", [_row(5, "x", 1.0)])
     with pytest.raises(KBenchError, match="share no probe"):
         compare_runs(tmp_path / "a", none)
+
+
+# ---------------------------------------------------------------------- intervals stored in the record
+def _score_all(task, step, outputs_of):
+    from runners.results import score_probe_set
+    return [r for ps in step.probe_sets for r in score_probe_set(task, step.index, ps, outputs_of(ps))]
+
+
+def test_a_qa_metric_gets_its_bootstrap_over_questions_and_a_mismatch_gets_none():
+    from core.types import Answer
+    from runners.results import metric_uncertainty
+    from tasks.synthetic import SyntheticTask
+
+    task = SyntheticTask(n_contexts=2)  # 2 contexts x 4 questions, one step each (single mode)
+    results = []
+    for step in task.steps():  # the first two questions of each context answered right, the others not
+        results += _score_all(task, step, lambda ps: [Answer(p.answers[0] if i < 2 else "zzz") for i, p in enumerate(ps.probes)])
+    metrics = task.summarize(results)
+    assert metrics["exact_match"] == 0.5
+    stored = metric_uncertainty(task, results, metrics)
+    entry = stored["exact_match"]
+    assert entry["unit"] == "question" and entry["n_units"] == 8
+    expected = bootstrap_mean([r.metrics["exact_match"] for r in results])  # same seed: the same numbers
+    assert entry["se"] == pytest.approx(expected.se) and entry["ci95"] == pytest.approx([expected.low, expected.high])
+    assert entry["se"] == pytest.approx(0.5 / np.sqrt(8), rel=0.15)  # sqrt(p(1-p)/n), the textbook SE
+    # a value that is not the mean of its sample (a ratio, a summary) gets no interval rather than a wrong one
+    assert "exact_match" not in metric_uncertainty(task, results, metrics | {"exact_match": 0.75})
+
+
+def test_editing_resamples_edits_macro_averaged_two_edits_by_hand():
+    from core.types import TargetScore
+    from runners.results import metric_uncertainty
+    from tasks.base import ProbeResult
+    from tasks.editing import EditingTask
+
+    task = EditingTask(n_edits=2, n_train=0, general_questions=[["Q?", "A"]])
+    final = task.steps()[-1]
+    probe_set = next(ps for ps in final.probe_sets if ps.name == "after_all/generality_tf")
+    # edit 0: its 3 rephrases right; edit 1: 1 of 3 -> per-edit means 1 and 1/3, macro average 2/3
+    hits = {p.query.id: float(p.knowledge_id.endswith("-0") or p.query.id.endswith("rephrase0")) for p in probe_set.probes}
+    results = [ProbeResult(final.index, probe_set.name, p, TargetScore(-1, 2, hits[p.query.id]),
+                           {probe_set.name: hits[p.query.id]}) for p in probe_set.probes]
+    metrics = task.summarize(results)
+    entry = metric_uncertainty(task, results, metrics, n_resamples=4000)["after_all/generality_tf"]
+    assert metrics["after_all/generality_tf"] == pytest.approx(2 / 3)
+    assert entry["unit"] == "edit" and entry["n_units"] == 2
+    # two units: resampled means 1/3, 2/3, 1 with probabilities 1/4, 1/2, 1/4 -> se = sqrt(1/18), interval [1/3, 1]
+    assert entry["se"] == pytest.approx(np.sqrt(1 / 18), rel=0.05)
+    assert entry["ci95"] == pytest.approx([1 / 3, 1.0])
+
+
+def test_a_tiny_editing_run_stores_intervals_beside_its_means(tmp_path):
+    from runners.experiment import Experiment
+    from tests.conftest import compose_config, read_record
+
+    cfg = compose_config("model=tiny", "logger=none", "method=base", "task=editing", "task.n_edits=3",
+                         "task.max_new_tokens=4")
+    Experiment(cfg, tmp_path, names={"method": "base", "task": "editing", "model": "tiny"}).run()
+    record = read_record(tmp_path)
+    stored = record["metric_uncertainty"]
+    assert set(stored) <= set(record["metrics"]) and "after_all/reliability_tf" in stored
+    assert stored["after_all/locality"] == {"se": 0.0, "ci95": [1.0, 1.0], "n_units": 3, "unit": "edit"}
+    for name, entry in stored.items():
+        assert entry["ci95"][0] <= record["metrics"][name] <= entry["ci95"][1]
