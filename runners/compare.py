@@ -73,7 +73,9 @@ def compare_runs(
         unit = "knowledge" if record_a.get("task") in KNOWLEDGE_UNIT_TASKS else "probe"
     if unit not in ("probe", "knowledge"):
         raise KBenchError(f"--unit must be auto, probe or knowledge, got {unit!r}")
-    names = list(metrics) if metrics else sorted(set.intersection(*(set(rows_a[k]["metrics"]) & set(rows_b[k]["metrics"]) for k in shared)))
+    # default: every metric both runs scored on some shared probe (an editing run's probe sets score
+    # different metrics, so the metrics common to *every* probe would be none)
+    names = list(metrics) if metrics else sorted(set.union(*(set(rows_a[k]["metrics"]) & set(rows_b[k]["metrics"]) for k in shared)))
     table = []
     for name in names:
         keys = [k for k in shared if name in rows_a[k]["metrics"] and name in rows_b[k]["metrics"]]

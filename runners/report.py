@@ -2,7 +2,8 @@
 
 Reads every `record.json` under the given folders (a run folder, a multirun folder, or all of
 `outputs/`); never from memory or W&B. One row per setting = (task, method, model, any other knob
-that differs): each metric as mean ± std over the seeds that finished, `n` runs, inject time (seconds
+that differs): each metric as mean ± se over the seeds that finished (the records' bootstrap SE, seeds
+combined: docs/records.md#uncertainty; ± std "sd" where no record holds one; `--ci`: [lo, hi]), `n` runs, inject time (seconds
 for the whole run, mean over seeds) and the extra storage the method keeps beside the model.
 One table per task, with only that task's metrics (a table wider than 200 characters is split by metric
 group). Runs that failed or never finished are listed below the tables with the root cause of the failure.
@@ -21,6 +22,8 @@ panel per metric, rates on a 0–1 axis, counts and ratios on their own; see `pl
     python -m runners.report outputs --format latex --out table.tex
     python -m runners.report outputs --format csv --out results.csv --plot
     python -m runners.report outputs --group side_effects
+    python -m runners.report outputs --baseline base          # * = differs from base, paired p < 0.05
+    python -m runners.report outputs --compare base,selfparam  # paired test on the shared probes
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ from typing import Any
 import pandas as pd
 
 from core.io import stable_hash
+from core.types import KBenchError
 from core.records import RECORD_FILE
 
 log = logging.getLogger(__name__)
@@ -154,8 +158,31 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "inject_s": (record.get("timings") or {}).get("inject"),
             "extra_storage_bytes": record.get("extra_storage_bytes"),
             **{f"metric/{k}": _number(v) for k, v in (record.get("metrics") or {}).items()},
+            **_uncertainty_columns(record),
         })
     return pd.DataFrame(rows, columns=None if rows else [*SETTING, "seed", "status", "error", "path", "traceback"])
+
+
+def _uncertainty_columns(record: dict[str, Any]) -> dict[str, float]:
+    """`se/<metric>`, `lo/<metric>`, `hi/<metric>` from the record's `metric_uncertainty` (docs/records.md)."""
+    columns: dict[str, float] = {}
+    for name, entry in (record.get("metric_uncertainty") or {}).items():
+        if isinstance(entry, dict) and "se" in entry:
+            low, high = entry.get("ci95") or (math.nan, math.nan)
+            columns |= {f"se/{name}": _number(entry["se"]), f"lo/{name}": _number(low), f"hi/{name}": _number(high)}
+    return columns
+
+
+def combined_se(means: Sequence[float], within_se: Sequence[float]) -> float:
+    """The standard error of the mean over seeds of runs that asked the same probes (docs/records.md,
+    Uncertainty): sqrt(mean(se_i^2) + s_between^2 / n). The probe-sampling error is shared by every seed,
+    so it does not shrink with n; the seeds' own spread does. NaN if any run has no SE."""
+    means, within = [float(m) for m in means], [float(v) for v in within_se]
+    n = len(means)
+    if n == 0 or any(math.isnan(v) for v in within):
+        return math.nan
+    between = sum((m - sum(means) / n) ** 2 for m in means) / (n - 1) if n > 1 else 0.0
+    return math.sqrt(sum(v * v for v in within) / n + between / n)
 
 
 def _number(value):
@@ -203,9 +230,28 @@ def summarize(frame: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.D
     for metric in metrics:
         table[f"{metric}_mean"] = grouped[f"metric/{metric}"].mean()
         table[f"{metric}_std"] = grouped[f"metric/{metric}"].std(ddof=1)
+        _add_uncertainty(table, grouped, metric)
     table["inject_s_mean"] = grouped["inject_s"].mean()
     table["extra_storage_bytes_mean"] = grouped["extra_storage_bytes"].mean()
     return table.reset_index()
+
+
+def _add_uncertainty(table: pd.DataFrame, grouped: Any, metric: str) -> None:
+    """`<metric>_se` (seeds combined, `combined_se`) and the 95 % interval `<metric>_lo` / `_hi`: one run's
+    stored bootstrap interval, or mean ± 1.96 se over several seeds. NaN where a run has no SE."""
+    se, low, high = {}, {}, {}
+    for key, runs in grouped:
+        values = runs[f"metric/{metric}"].astype(float).tolist()
+        within = runs[f"se/{metric}"].astype(float).tolist() if f"se/{metric}" in runs else [math.nan] * len(values)
+        se[key] = combined_se(values, within)
+        if len(values) == 1:
+            low[key] = float(runs[f"lo/{metric}"].iloc[0]) if f"lo/{metric}" in runs else math.nan
+            high[key] = float(runs[f"hi/{metric}"].iloc[0]) if f"hi/{metric}" in runs else math.nan
+        else:
+            mean = sum(values) / len(values)
+            low[key], high[key] = mean - 1.96 * se[key], mean + 1.96 * se[key]
+    for suffix, column in (("se", se), ("lo", low), ("hi", high)):
+        table[f"{metric}_{suffix}"] = pd.Series(column, dtype=float).reindex(table.index)
 
 
 def human_bytes(n: float) -> str:
@@ -218,19 +264,30 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _mean_std(mean: float, std: float, pm: str) -> str:
+def _cell(row: pd.Series, metric: str, pm: str, interval: bool) -> str:
+    """`mean ± se` (bootstrap SE, seeds combined), with `interval` `mean [lo, hi]`; where no record of the row
+    holds an SE, `mean ± std sd` (spread over seeds) or the bare mean."""
+    mean, se = row[f"{metric}_mean"], row.get(f"{metric}_se", math.nan)
     if mean is None or math.isnan(mean):
         return "–"
-    return f"{mean:.3f}" if std is None or math.isnan(std) else f"{mean:.3f}{pm}{std:.3f}"
+    if interval and not math.isnan(row.get(f"{metric}_lo", math.nan)):
+        return f"{mean:.3f} [{row[f'{metric}_lo']:.3f}, {row[f'{metric}_hi']:.3f}]"
+    if se is not None and not math.isnan(se):
+        return f"{mean:.3f}{pm}{se:.3f}"
+    std = row[f"{metric}_std"]
+    return f"{mean:.3f}" if std is None or math.isnan(std) else f"{mean:.3f}{pm}{std:.3f} sd"
 
 
-def display_table(table: pd.DataFrame, metrics: Sequence[str], pm: str = " ± ", storage: bool = True) -> pd.DataFrame:
-    """The summary as text cells: `mean ± std` per metric, then (with `storage`) inject seconds and
-    human-readable extra storage."""
+def display_table(table: pd.DataFrame, metrics: Sequence[str], pm: str = " ± ", storage: bool = True,
+                  interval: bool = False, marks: dict[tuple[int, str], str] | None = None) -> pd.DataFrame:
+    """The summary as text cells: `mean ± se` per metric (`_cell`), a mark from `marks` ({(row index,
+    metric): "*"}) appended, then (with `storage`) inject seconds and human-readable extra storage."""
     columns = [c for c in SETTING if c != "variant" or table["variant"].astype(bool).any()]
     shown = table[columns + ["n"]].copy()
+    marks = marks or {}
     for metric in metrics:
-        shown[metric] = [_mean_std(m, s, pm) for m, s in zip(table[f"{metric}_mean"], table[f"{metric}_std"])]
+        shown[metric] = [_cell(row, metric, pm, interval) + marks.get((index, metric), "")
+                         for index, row in table.iterrows()]
     if storage:
         shown["inject s"] = [f"{s:.1f}" if pd.notna(s) else "–" for s in table["inject_s_mean"]]
         shown["extra storage"] = [human_bytes(b) for b in table["extra_storage_bytes_mean"]]
@@ -302,8 +359,78 @@ def to_latex(shown: pd.DataFrame) -> str:
 MAX_ROW_CHARS = 199  # a markdown row longer than this is split into several tables (same rows, other columns)
 
 
+def baseline_marks(frame: pd.DataFrame, rows: pd.DataFrame, baseline: str, metrics: Sequence[str],
+                   alpha: float = 0.05) -> dict[tuple[int, str], str]:
+    """`{(row index, metric): "*"}` for the cells of `rows` (one task's summary) that differ from method
+    `baseline` (same task and model) in a paired test on their shared probes (runners.compare): marked when
+    every seed's test has p < alpha and the differences agree in sign. A run is paired with the baseline
+    run of its seed, else the baseline's first run (a deterministic baseline has one). Metrics that are
+    not per-probe (retention summaries, ratios) are never marked."""
+    from runners.compare import compare_runs
+
+    done = frame[frame["status"] == "done"]
+    marks: dict[tuple[int, str], str] = {}
+    for index, row in rows.iterrows():
+        base = done[(done["task"] == row["task"]) & (done["model"] == row["model"]) & (done["method"] == baseline)]
+        if row["method"] == baseline or base.empty:
+            continue
+        mine = done[(done[SETTING].astype(str) == row[SETTING].astype(str)).all(axis=1)]
+        for metric in metrics:
+            tests = []
+            for run in mine.itertuples():
+                same_seed = base[base["seed"] == run.seed]
+                partner = (same_seed if len(same_seed) else base).iloc[0]
+                try:
+                    tests.append(compare_runs(Path(partner["path"]), Path(run.path), [metric]).iloc[0])
+                except (KBenchError, OSError, ValueError):
+                    tests = []  # no per-probe values of this metric to pair: no mark
+                    break
+            if tests and all(t.p_value < alpha for t in tests) and (
+                    all(t.difference > 0 for t in tests) or all(t.difference < 0 for t in tests)):
+                marks[(index, metric)] = "*"
+    return marks
+
+
+def compare_text(paths: Sequence[str | Path], spec: str, metrics: Sequence[str] | None = None) -> str:
+    """`--compare A,B`: runners.compare on run folders A and B, or on every (task, model, seed) that methods
+    A and B both ran among the records under `paths`, one table per pair."""
+    from runners.compare import compare_runs
+
+    names = [part.strip() for part in spec.split(",")]
+    if len(names) != 2 or not all(names):
+        raise ValueError(f"--compare takes two method names or run folders, A,B; got {spec!r}")
+    if all(Path(name).is_dir() for name in names):
+        pairs = [(Path(names[0]), Path(names[1]), "")]
+    else:
+        frame = runs_frame(load_runs(paths).records)
+        done = frame[frame["status"] == "done"]
+
+        def runs_of(name: str) -> dict[tuple, str]:
+            if Path(name).is_dir():
+                record = json.loads((Path(name) / RECORD_FILE).read_text(encoding="utf-8"))
+                return {(record.get("task"), record.get("model"), record.get("seed")): str(name)}
+            chosen = done[done["method"] == name]
+            if chosen.empty:
+                raise ValueError(f"--compare: no finished run of method {name!r} (methods: {sorted(set(done['method']))})")
+            return {(r.task, r.model, r.seed): r.path for r in chosen.itertuples()}
+
+        runs_a, runs_b = runs_of(names[0]), runs_of(names[1])
+        shared = sorted(set(runs_a) & set(runs_b), key=str)
+        if not shared:
+            raise ValueError(f"--compare: {names[0]} and {names[1]} share no (task, model, seed)")
+        pairs = [(Path(runs_a[k]), Path(runs_b[k]), f"{k[0]} / {k[1]} / seed {k[2]}: ") for k in shared]
+    blocks = []
+    for a, b, label in pairs:
+        table = compare_runs(a, b, metrics)
+        blocks.append(f"### {label}{names[1]} − {names[0]}\n\nA = {a}\nB = {b}\n\n"
+                      + table.to_markdown(index=False, floatfmt=".4f"))
+    legend = ("difference = B − A on the probes both runs answered; 95 % paired cluster-bootstrap interval; "
+              "two-sided paired permutation p-value (runners.compare)")
+    return "\n\n".join(blocks) + "\n\n" + legend + "\n"
+
+
 def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] | None = None,
-           groups: Sequence[str] | None = None) -> str:
+           groups: Sequence[str] | None = None, interval: bool = False, baseline: str | None = None) -> str:
     """The report text for the records under `paths` in format md, latex or csv: every metric, or the
     `metrics` named followed by the columns of the metric `groups` (`group_columns`).
 
@@ -330,15 +457,24 @@ def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] 
             continue
         rows = table[table["task"] == task].reset_index(drop=True)
         chunks = _width_chunks(rows, names)
+        marks = baseline_marks(frame, rows, baseline, names) if baseline else {}
         for index, chunk in enumerate(chunks):
-            shown = display_table(rows, chunk, storage=index == 0)
+            shown = display_table(rows, chunk, storage=index == 0, interval=interval, marks=marks)
             groups_shown = ", ".join(dict.fromkeys(metric_group(n) or "metrics" for n in chunk))
             title = task + (f" (continued {index + 1}/{len(chunks)}: {groups_shown})" if index else "")
             body = to_latex(shown) if fmt == "latex" else to_markdown(shown)
             blocks.append((f"% {title}\n" if fmt == "latex" else f"### {title}\n\n") + body.rstrip("\n"))
     if not blocks:
         blocks.append("% no finished run" if fmt == "latex" else "(no finished run)")
+    legend = ("± = bootstrap standard error over the metric's units, seeds combined; [lo, hi] = 95 % interval "
+              "(docs/records.md#uncertainty); `sd` = std over seeds where no record holds an SE")
+    if baseline:
+        legend += f"; * = differs from {baseline} in a paired test on shared probes, p < 0.05 in every seed"
     problems = problems_text(frame, runs, fmt)
+    if fmt == "latex":  # comment lines under the tables, with the failures
+        problems.insert(0, f"% {legend}")
+    else:
+        blocks.append(legend)
     return "\n\n".join(blocks) + "\n" + ("\n" + "\n".join(problems) + "\n" if problems else "")
 
 
@@ -476,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--metrics", help="comma-separated metrics to show (default: every metric found)")
     parser.add_argument("--group", help="comma-separated metric groups to show (after any --metrics), e.g. "
                                         "side_effects (= near_miss, conflict, drift) or drift")
+    parser.add_argument("--ci", action="store_true", help="show the 95 %% interval [lo, hi] instead of ± se")
+    parser.add_argument("--baseline", help="method name: mark (*) cells that differ from it in a paired test, p < 0.05")
+    parser.add_argument("--compare", metavar="A,B", help="paired comparison of two methods (or run folders) on "
+                                                         "their shared probes, instead of the tables")
     parser.add_argument("--plot", action="store_true", help="also write PNG plots")
     parser.add_argument("--plot-dir", help="folder for the plots (default: beside --out, else the first path)")
     parser.add_argument("--plot-metric", default="qa_f1", help="metric of the retention curves (default: qa_f1)")
@@ -483,8 +623,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     groups = [g.strip() for g in args.group.split(",")] if args.group else None
     try:
-        text = render(args.paths, args.format, metrics, groups)
-    except (FileNotFoundError, ValueError) as err:
+        if args.compare:
+            text = compare_text(args.paths, args.compare, metrics)
+        else:
+            text = render(args.paths, args.format, metrics, groups, args.ci, args.baseline)
+    except (FileNotFoundError, ValueError, KBenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.out:

@@ -268,3 +268,50 @@ def test_mixed_plots_stay_under_2000_px_and_keep_counts_off_the_rate_axes(mixed,
     for file in files:
         height, width = matplotlib.image.imread(file).shape[:2]
         assert 100 < width < 2000 and 100 < height < 2000, (file.name, width, height)
+
+
+# ---------------------------------------------------------------------- uncertainty, baseline marks, --compare
+def write_scored_run(directory: Path, method: str, seed: int, hits: list[float], se: float, ci: list[float]) -> Path:
+    """A run whose record holds `metric_uncertainty` and whose predictions.jsonl has one qa_f1 per probe."""
+    write_run(directory, method, seed, {"qa_f1": sum(hits) / len(hits)})
+    record = json.loads((directory / "record.json").read_text())
+    record["metric_uncertainty"] = {"qa_f1": {"se": se, "ci95": ci, "n_units": len(hits), "unit": "question"}}
+    (directory / "record.json").write_text(json.dumps(record))
+    (directory / "predictions.jsonl").write_text("".join(
+        json.dumps({"step": 0, "probe_set": "qa", "probe_id": f"q{i}", "knowledge_id": f"c{i}", "prompt": f"Q{i}?",
+                    "metrics": {"qa_f1": h}}) + "\n" for i, h in enumerate(hits)))
+    return directory
+
+
+def test_cells_show_mean_and_standard_error_with_seeds_combined(tmp_path):
+    write_scored_run(tmp_path / "a0", "ft_sentences", 0, [1.0, 0.0, 1.0, 0.0, 0.0], 0.1, [0.2, 0.6])  # 0.4
+    write_scored_run(tmp_path / "a1", "ft_sentences", 1, [1.0, 1.0, 1.0, 0.0, 0.0], 0.1, [0.4, 0.8])  # 0.6
+    write_scored_run(tmp_path / "b0", "base", 0, [1.0, 1.0, 0.0, 0.0, 0.0], 0.05, [0.3, 0.5])  # 0.4
+    # two seeds: sqrt(mean(0.1^2, 0.1^2) + var(0.4, 0.6) / 2) = sqrt(0.01 + 0.02 / 2) = 0.1414
+    assert report.combined_se([0.4, 0.6], [0.1, 0.1]) == pytest.approx(0.02 ** 0.5)
+    text = report.render([tmp_path])
+    assert "0.500 ± 0.141" in text and "0.400 ± 0.050" in text and "bootstrap standard error" in text
+    intervals = report.render([tmp_path], interval=True)
+    # one run: its stored interval; two: mean ± 1.96 se = 0.5 ± 0.277
+    assert "0.400 [0.300, 0.500]" in intervals and "0.500 [0.223, 0.777]" in intervals
+    frame = pd.read_csv(io.StringIO(report.render([tmp_path], "csv"))).set_index("method")
+    assert frame.loc["base", "qa_f1_se"] == pytest.approx(0.05)
+
+
+def test_baseline_marks_cells_that_differ_in_a_paired_test_and_compare_delegates(tmp_path, capsys):
+    zeros, same = [0.0] * 10, [0.0] * 9 + [1.0]
+    write_scored_run(tmp_path / "base", "base", 0, zeros, 0.0, [0.0, 0.0])
+    write_scored_run(tmp_path / "good", "ft_sentences", 0, [1.0] * 8 + [0.0] * 2, 0.13, [0.5, 1.0])  # +0.8
+    write_scored_run(tmp_path / "near", "context", 0, same, 0.09, [0.0, 0.3])  # +0.1: one probe, p = 1
+    table = report.render([tmp_path], baseline="base")
+    rows = {line.split("|")[2].strip(): line for line in table.splitlines() if line.startswith("| synthetic")}
+    assert "0.800 ± 0.130*" in rows["ft_sentences"]
+    assert "*" not in rows["context"] and "*" not in rows["base"]
+    assert "differs from base" in table
+    assert report.main([str(tmp_path), "--compare", "base,ft_sentences"]) == 0
+    out = capsys.readouterr().out
+    assert "ft_sentences − base" in out and "0.8000" in out and "| qa_f1 " in out
+    assert report.main([str(tmp_path), "--compare", f"{tmp_path / 'base'},{tmp_path / 'near'}"]) == 0
+    assert "0.1000" in capsys.readouterr().out
+    assert report.main([str(tmp_path), "--compare", "base,rag_bm25"]) == 2
+    assert "no finished run of method 'rag_bm25'" in capsys.readouterr().err
