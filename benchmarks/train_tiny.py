@@ -1,6 +1,6 @@
 """Build the tiny model's bundled weights (`core/data/tiny_reader.safetensors`) and measure what it reads.
 
-    python benchmarks/train_tiny.py                 # train (about an hour on one contended CPU core), write, measure
+    python benchmarks/train_tiny.py --stop-after 4000  # train as the bundled file was (about 45 min on a contended CPU)
     python benchmarks/train_tiny.py --measure-only  # context vs base QA-F1 of the bundled weights on task=synthetic
 
 `model=tiny` must tell a method that uses the context from one that does not, in seconds, so its weights
