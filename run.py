@@ -58,6 +58,16 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
+def parallel_jobs(hydra_cfg, multirun: bool) -> int:
+    """How many jobs run at once on this machine: joblib's n_jobs in a joblib sweep (negative: counted from the cores, -1 = one per core),
+    else 1. Recorded with the run's timings (`cost.shared_machine`), so timings of runs that shared the
+    machine are not compared with those of runs that had it alone."""
+    if not multirun or "joblib" not in str(hydra_cfg.launcher.get("_target_", "")):
+        return 1
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)
+    return max((os.cpu_count() or 1) + 1 + n_jobs if n_jobs < 0 else n_jobs, 1)  # joblib: -1 = every core, -2 = all but one
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -104,7 +114,8 @@ def main(cfg: DictConfig) -> None:
             if unfinished:
                 resume_from = next((d for d in unfinished if resume.latest_checkpoint(d, run_id)), unfinished[0])
                 say(f"continuing {what} from {resume_from}")
-        record = Experiment(cfg, output_dir, names=names, resume_from=resume_from).run()
+        record = Experiment(cfg, output_dir, names=names, resume_from=resume_from,
+                            parallel_jobs=parallel_jobs(hydra_cfg, multirun)).run()
     print(results_table([record]))
     say(f"record: {output_dir}/record.json")
 

@@ -16,6 +16,9 @@ Schema (top-level keys; documented in docs/records.md):
     task_report     dict    structured results from the task beyond flat metrics (e.g. a retention matrix)
     timings         dict    {"inject": s, "eval": s, "total": s, "load_model": s}
     extra_storage_bytes int  storage the method needs beside the base model, after the last step
+    cost            dict    measured the same way for every method: inject_seconds_per_item, answer_seconds_per_query,
+                            peak_rss_bytes (+ scope), peak_gpu_bytes on CUDA, extra_storage_bytes, parallel_jobs,
+                            shared_machine (docs/records.md)
     method_info     dict    whatever the method reports about itself (e.g. {"merged": true})
     versions        dict    python, torch, transformers, peft, accelerate, tokenizers, sentence-transformers, kbench
     version_drift   list    packages whose installed release differs from requirements.lock, e.g.
@@ -97,6 +100,7 @@ class RunRecord:
     task_report: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     extra_storage_bytes: int = 0
+    cost: dict[str, Any] = field(default_factory=dict)
     method_info: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=package_versions)
     version_drift: list[str] = field(default_factory=version_drift)

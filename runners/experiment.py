@@ -23,6 +23,7 @@ from typing import Any
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from core import cost
 from core.io import append_jsonl, clear_inputs, default_modes, file_digest, noted_inputs, write_jsonl
 from core.records import PREDICTIONS_FILE, RunRecord, utc_now
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
@@ -64,10 +65,14 @@ class Experiment:
     """Runs one (model, method, task) configuration and writes its record into `output_dir`."""
 
     def __init__(self, cfg: DictConfig, output_dir: str | Path, names: dict[str, str] | None = None,
-                 resume_from: str | Path | None = None) -> None:
+                 resume_from: str | Path | None = None, parallel_jobs: int = 1) -> None:
         """`names` are the short names of the chosen model/method/task configs (Hydra's choices);
-        `resume_from` is the folder of an earlier, unfinished attempt of this run to continue."""
+        `resume_from` is the folder of an earlier, unfinished attempt of this run to continue;
+        `parallel_jobs` how many jobs the launcher runs at once on this machine (joblib's n_jobs)."""
         self.cfg = cfg
+        self.parallel_jobs = parallel_jobs
+        self._cost = {"items": 0, "inject_s": 0.0, "queries": 0, "answer_s": 0.0}  # steps run in this process
+        self._rss_scope = "process"
         self.resume_from = Path(resume_from) if resume_from else None
         # read now: this run's own record may replace it (same folder) before it is used
         self._earlier_steps = resume.recorded_steps(self.resume_from) if self.resume_from else []
@@ -89,6 +94,7 @@ class Experiment:
     # ------------------------------------------------------------------ main loop
     def run(self) -> RunRecord:
         clear_inputs()  # a joblib worker runs several jobs: only this run's reads count
+        self._rss_scope = cost.reset_peaks()  # and only this run's memory peak, where the OS allows
         self._write()
         started = time.perf_counter()
         try:
@@ -159,6 +165,7 @@ class Experiment:
         record.metric_uncertainty = final["metric_uncertainty"]
         record.task_report = final["task_report"]
         record.method_info |= method.info()
+        record.cost = self._costs(method)
         if record.diverged is None and _all_empty(all_results) and record.method_info.get("final_train_loss") is not None:
             record.diverged = {"reason": "every generated answer is empty after training", "step": None}
         if record.diverged is not None:
@@ -275,6 +282,21 @@ class Experiment:
         log.info("continuing %s after %d finished step(s)%s", self.resume_from, len(finished.entries), restored)
         return results, len(finished.entries)
 
+    def _costs(self, method: Method) -> dict[str, Any]:
+        """The record's `cost` (docs/records.md): per injected item and per query, over the steps this
+        process ran (a resumed run's reused steps are not timed again), peak memory, extra storage."""
+        c = self._cost
+        return {
+            "inject_seconds_per_item": round(c["inject_s"] / c["items"], 6) if c["items"] else None,
+            "items_injected": c["items"],
+            "answer_seconds_per_query": round(c["answer_s"] / c["queries"], 6) if c["queries"] else None,
+            "queries": c["queries"],
+            **cost.peaks(self._rss_scope),
+            "extra_storage_bytes": method.extra_storage_bytes(),
+            "parallel_jobs": self.parallel_jobs,
+            "shared_machine": self.parallel_jobs != 1,
+        }
+
     def _run_step(self, method: Method, task: Task, step) -> tuple[list[ProbeResult], float, float]:
         if step.reset_before:
             method.reset()
@@ -282,11 +304,17 @@ class Experiment:
         if step.knowledge:
             method.inject(step.knowledge)
         inject_s = time.perf_counter() - started
+        self._cost["items"] += len(step.knowledge)
+        self._cost["inject_s"] += inject_s
         self._count_truncation("inject", cut)
         started, cut = time.perf_counter(), self._cut()
         results: list[ProbeResult] = []
         for probe_set in step.probe_sets:
-            results += score_probe_set(task, step.index, probe_set, probe(method, probe_set))
+            answering = time.perf_counter()
+            outputs = probe(method, probe_set)  # the method's answering alone: scoring is the task's cost
+            self._cost["answer_s"] += time.perf_counter() - answering
+            self._cost["queries"] += len(probe_set.probes)
+            results += score_probe_set(task, step.index, probe_set, outputs)
         self._count_truncation("probes", cut)
         return results, inject_s, time.perf_counter() - started
 

@@ -1,0 +1,55 @@
+"""What a run costs, measured the same way for every method: peak memory of the run's own process.
+
+Peak RSS: Linux resets a process's high-water mark when "5" is written to /proc/self/clear_refs, so a
+run measures its own peak (VmHWM) even in a joblib worker that ran other jobs before (`scope: run`);
+where that is not possible, the process's lifetime peak from getrusage is reported (`scope: process`:
+it includes earlier jobs of the same worker). Peak GPU memory: torch's allocator peak on CUDA, reset at
+the start of the run (memory torch allocated for tensors; the CUDA context itself is not counted).
+"""
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def reset_peaks() -> str:
+    """Start measuring: reset the peak RSS (and CUDA's peak) where possible. Returns the RSS scope."""
+    cuda = _cuda()
+    if cuda is not None:
+        cuda.reset_peak_memory_stats()
+    try:
+        _CLEAR_REFS.write_text("5")
+        return "run"
+    except OSError:
+        return "process"
+
+
+def peaks(scope: str) -> dict[str, Any]:
+    """`peak_rss_bytes`, `peak_rss_scope` and, on CUDA, `peak_gpu_bytes` since `reset_peaks`."""
+    out: dict[str, Any] = {"peak_rss_bytes": _peak_rss(scope), "peak_rss_scope": scope}
+    cuda = _cuda()
+    if cuda is not None:
+        out["peak_gpu_bytes"] = int(cuda.max_memory_allocated())
+    return out
+
+
+def _peak_rss(scope: str) -> int:
+    if scope == "run":
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, kB on Linux
+
+
+def _cuda() -> Any:
+    """torch.cuda when torch is imported and CUDA is in use, else None (never imports torch itself)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda

@@ -1,0 +1,45 @@
+"""Cost columns (issue 20 item 3): every method's run records the same cost keys, measured the same way."""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from run import parallel_jobs
+from runners.experiment import Experiment
+from tests.conftest import CONF, compose_config, read_record
+
+SLOW = {"memoir", "recipe", "selfparam", "ft_sentences"}  # one to four minutes each on two shared cores
+METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m
+           for m in sorted(p.stem for p in (CONF / "method").glob("*.yaml"))]
+COST_KEYS = {"inject_seconds_per_item", "items_injected", "answer_seconds_per_query", "queries", "peak_rss_bytes",
+             "peak_rss_scope", "extra_storage_bytes", "parallel_jobs", "shared_machine"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_records_its_cost_on_the_tiny_model(method, tmp_path: Path):
+    # one paragraph of 4 facts, single mode: one item injected, its 4 questions asked once
+    cfg = compose_config("model=tiny", "logger=none", f"method={method}", "task.n_contexts=1")
+    Experiment(cfg, tmp_path, names={"method": method, "task": "synthetic", "model": "tiny"}).run()
+    record = read_record(tmp_path)
+    assert record["status"] == "done", record["error"]
+    cost = record["cost"]
+    assert COST_KEYS <= set(cost), set(cost)
+    assert (cost["items_injected"], cost["queries"]) == (1, 4)
+    # the timed parts lie within the run's own inject / eval totals
+    assert 0 <= cost["inject_seconds_per_item"] <= record["timings"]["inject"] + 1e-3
+    assert 0 < cost["answer_seconds_per_query"] * 4 <= record["timings"]["eval"] + 1e-3
+    assert cost["peak_rss_bytes"] > 50_000_000 and cost["peak_rss_scope"] in ("run", "process")
+    assert cost["extra_storage_bytes"] == record["extra_storage_bytes"]
+    assert (cost["parallel_jobs"], cost["shared_machine"]) == (1, False)
+
+
+def test_a_joblib_sweep_with_several_jobs_shares_the_machine():
+    def hydra(target: str, n_jobs: int | None = None):
+        return OmegaConf.create({"launcher": {"_target_": target} | ({"n_jobs": n_jobs} if n_jobs is not None else {})})
+
+    joblib = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert parallel_jobs(hydra(joblib, 2), multirun=True) == 2
+    assert parallel_jobs(hydra(joblib, 1), multirun=True) == 1
+    assert parallel_jobs(hydra(joblib, 2), multirun=False) == 1  # a single run is one job
+    assert parallel_jobs(hydra("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), multirun=True) == 1
+    assert parallel_jobs(hydra(joblib, -1), multirun=True) >= 1
