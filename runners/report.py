@@ -53,6 +53,9 @@ SETTING = ["task", "method", "model", "variant"]
 IGNORED_KEYS = ("logger", "output_dir", "force", "resume", "hydra")
 # `--group` names that stand for several metric groups
 GROUP_ALIASES = {"side_effects": ("near_miss", "conflict", "drift")}
+# the record's `cost` keys the `--cost` table shows (docs/records.md)
+COST_COLUMNS = ("inject_seconds_per_item", "answer_seconds_per_query", "peak_rss_bytes", "peak_gpu_bytes",
+                "extra_storage_bytes", "parallel_jobs")
 
 
 @dataclass
@@ -159,6 +162,7 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "extra_storage_bytes": record.get("extra_storage_bytes"),
             **{f"metric/{k}": _number(v) for k, v in (record.get("metrics") or {}).items()},
             **_uncertainty_columns(record),
+            **{f"cost/{k}": v for k, v in (record.get("cost") or {}).items() if k in COST_COLUMNS},
         })
     return pd.DataFrame(rows, columns=None if rows else [*SETTING, "seed", "status", "error", "path", "traceback"])
 
@@ -359,6 +363,53 @@ def to_latex(shown: pd.DataFrame) -> str:
 MAX_ROW_CHARS = 199  # a markdown row longer than this is split into several tables (same rows, other columns)
 
 
+def cost_table(frame: pd.DataFrame, task: str, reference: str = "base") -> pd.DataFrame:
+    """One task's `--cost` table: per setting, means over its finished runs of the record's `cost`: inject
+    seconds per injected item (context or edit), answering ms per query and its overhead over `reference`
+    (same task and model; shown only when both ran under the same machine sharing), peak RSS, peak GPU
+    memory (CUDA runs), extra storage, and whether the runs shared the machine (joblib n_jobs > 1)."""
+    done = frame[(frame["status"] == "done") & (frame["task"] == task)]
+    columns = [c for c in SETTING if c != "variant" or done["variant"].astype(bool).any()]
+    grouped = done.groupby(SETTING, sort=True, dropna=False)
+
+    def mean(runs: pd.DataFrame, key: str) -> float:
+        column = f"cost/{key}"
+        return float(pd.to_numeric(runs[column], errors="coerce").mean()) if column in runs else math.nan
+
+    def jobs(runs: pd.DataFrame) -> str:
+        values = sorted({int(v) for v in runs.get("cost/parallel_jobs", pd.Series(dtype=float)).dropna()})
+        if not values:
+            return "–"
+        return "alone" if values == [1] else ("shared (n_jobs " + ",".join(map(str, values)) + ")")
+
+    rows = []
+    for key, runs in grouped:
+        rows.append(dict(zip(SETTING, key)) | {"n": len(runs), "_answer": mean(runs, "answer_seconds_per_query"),
+                                               "_jobs": jobs(runs), "runs": runs})
+    out = []
+    for row in rows:
+        runs = row["runs"]
+        ref = next((r for r in rows if r["method"] == reference and r["model"] == row["model"]), None)
+        if ref is None or math.isnan(row["_answer"]) or math.isnan(ref["_answer"]):
+            overhead = "–"
+        elif ref["_jobs"] != row["_jobs"]:
+            overhead = "– (machine differs)"
+        else:
+            overhead = f"{1000 * (row['_answer'] - ref['_answer']):+.1f}"
+        inject, gpu = mean(runs, "inject_seconds_per_item"), mean(runs, "peak_gpu_bytes")
+        out.append({c: row[c] for c in columns} | {
+            "n": row["n"],
+            "inject s/item": "–" if math.isnan(inject) else f"{inject:.2f}",
+            "answer ms/query": "–" if math.isnan(row["_answer"]) else f"{1000 * row['_answer']:.1f}",
+            f"vs {reference} ms/query": overhead,
+            "peak RSS": human_bytes(mean(runs, "peak_rss_bytes")),
+            **({"peak GPU": human_bytes(gpu)} if not math.isnan(gpu) else {}),
+            "extra storage": human_bytes(mean(runs, "extra_storage_bytes")),
+            "machine": row["_jobs"],
+        })
+    return pd.DataFrame(out)
+
+
 def baseline_marks(frame: pd.DataFrame, rows: pd.DataFrame, baseline: str, metrics: Sequence[str],
                    alpha: float = 0.05) -> dict[tuple[int, str], str]:
     """`{(row index, metric): "*"}` for the cells of `rows` (one task's summary) that differ from method
@@ -430,7 +481,8 @@ def compare_text(paths: Sequence[str | Path], spec: str, metrics: Sequence[str] 
 
 
 def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] | None = None,
-           groups: Sequence[str] | None = None, interval: bool = False, baseline: str | None = None) -> str:
+           groups: Sequence[str] | None = None, interval: bool = False, baseline: str | None = None,
+           cost: bool = False) -> str:
     """The report text for the records under `paths` in format md, latex or csv: every metric, or the
     `metrics` named followed by the columns of the metric `groups` (`group_columns`).
 
@@ -464,6 +516,10 @@ def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] 
             title = task + (f" (continued {index + 1}/{len(chunks)}: {groups_shown})" if index else "")
             body = to_latex(shown) if fmt == "latex" else to_markdown(shown)
             blocks.append((f"% {title}\n" if fmt == "latex" else f"### {title}\n\n") + body.rstrip("\n"))
+        if cost:
+            shown = cost_table(frame, task)
+            body = to_latex(shown) if fmt == "latex" else to_markdown(shown)
+            blocks.append((f"% {task}: cost\n" if fmt == "latex" else f"### {task}: cost\n\n") + body.rstrip("\n"))
     if not blocks:
         blocks.append("% no finished run" if fmt == "latex" else "(no finished run)")
     legend = ("± = bootstrap standard error over the metric's units, seeds combined; [lo, hi] = 95 % interval "
@@ -508,7 +564,8 @@ PANELS_PER_ROW = 4
 
 def plot(paths: Sequence[str | Path], out_dir: str | Path, curve_metric: str = "qa_f1",
          metrics: Sequence[str] | None = None) -> list[Path]:
-    """Write `retention_<task>.png` (tasks that inject cumulatively) and `metrics_<task>.png` (one small
+    """Write `retention_<task>.png` (tasks that inject cumulatively), `stream_<task>.png` (editing runs with
+    `task.score_every`: reliability / generality / locality along the edit stream) and `metrics_<task>.png` (one small
     panel per metric, default every metric of the task) into `out_dir`; return the files written.
 
     Every panel has its own y axis: rates (every value in [0, 1]) are drawn on a fixed 0–1 axis, counts and
@@ -546,6 +603,20 @@ def plot(paths: Sequence[str | Path], out_dir: str | Path, curve_metric: str = "
             ax.set(xlabel="contexts injected", ylabel=curve_metric, title=f"{task}: {curve_metric} after each injection")
             ax.legend(fontsize="small")
             written.append(_save(fig, out_dir / f"retention_{task}.png"))
+        stream = _stream_curves([r for r in done if r["task"] == task])
+        if not stream.empty:
+            families = sorted(stream["family"].unique())
+            fig, axes = plt.subplots(1, len(families), figsize=(4.2 * len(families), 3.8), squeeze=False)
+            for ax, family in zip(axes[0], families):
+                for label, curve in stream[stream["family"] == family].groupby("label", sort=True):
+                    stats = curve.groupby("x")["value"].agg(["mean", "std"]).fillna(0.0)
+                    ax.plot(stats.index, stats["mean"], marker="o", label=label)
+                    ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], alpha=0.15)
+                ax.set(xlabel="edits injected", ylabel=family, ylim=(-0.02, 1.02), title=f"{family} along the stream")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.grid(alpha=0.3)
+            axes[0][0].legend(fontsize="small")
+            written.append(_save(fig, out_dir / f"stream_{task}.png"))
         names = [m for m in (metrics or group_columns(metric_names(task_frame))) if f"metric/{m}" in task_frame.columns]
         if not names:
             continue
@@ -596,6 +667,21 @@ def _step_curves(records: Sequence[dict[str, Any]], metric: str) -> pd.DataFrame
     return pd.DataFrame(rows, columns=["label", "x", "x_name", "value"])
 
 
+def _stream_curves(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Editing runs scored along the stream (`task.score_every`): per setting and teacher-forced metric, the
+    macro-average over the edits injected so far at each scoring (`task_report.stream.curves`)."""
+    variants = _variants(records)
+    rows = []
+    for record in records:
+        stream = (record.get("task_report") or {}).get("stream") or {}
+        label = _label(record | {"variant": variants[setting_id(record)]})
+        for family, curve in (stream.get("curves") or {}).items():
+            if family in ("reliability_tf", "generality_tf", "locality"):
+                rows += [{"label": label, "family": family, "x": x, "value": v}
+                         for x, v in zip(stream.get("edits_injected", []), curve) if v is not None]
+    return pd.DataFrame(rows, columns=["label", "family", "x", "value"])
+
+
 def _save(fig: Any, path: Path, tight: bool = True) -> Path:
     if tight:
         fig.tight_layout()
@@ -614,6 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "side_effects (= near_miss, conflict, drift) or drift")
     parser.add_argument("--ci", action="store_true", help="show the 95 %% interval [lo, hi] instead of ± se")
     parser.add_argument("--baseline", help="method name: mark (*) cells that differ from it in a paired test, p < 0.05")
+    parser.add_argument("--cost", action="store_true", help="also a cost table per task (the records' `cost`: "
+                                                           "seconds per item and per query, peak memory, storage)")
     parser.add_argument("--compare", metavar="A,B", help="paired comparison of two methods (or run folders) on "
                                                          "their shared probes, instead of the tables")
     parser.add_argument("--plot", action="store_true", help="also write PNG plots")
@@ -626,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.compare:
             text = compare_text(args.paths, args.compare, metrics)
         else:
-            text = render(args.paths, args.format, metrics, groups, args.ci, args.baseline)
+            text = render(args.paths, args.format, metrics, groups, args.ci, args.baseline, args.cost)
     except (FileNotFoundError, ValueError, KBenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

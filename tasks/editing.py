@@ -64,6 +64,8 @@ SOURCES = ("synthetic", "zsre", "counterfact")
 PROTOCOLS = ("sequential", "single")
 PREFIX = {"sequential": "after_all", "single": "single"}
 PRE_EDIT = "pre_edit/locality_reference"
+STREAM = "stream"  # prefix of the probe sets and metrics scored along the edit stream (task.score_every)
+STREAM_PLOT = "stream.png"
 
 
 @dataclass(frozen=True)
@@ -249,6 +251,7 @@ class EditingTask(Task):
         train_seed: int = 1,
         synthetic_template: str = "Question: {question}\nAnswer:",
         general_questions: list[Annotated[list[NonEmptyStr], Field(min_length=2, max_length=2)]] | None = None,
+        score_every: NonNegativeInt = 0,
     ) -> None:
         if source != "synthetic" and not path:
             raise ValueError(f"task.source={source} needs task.path (the edits file)")
@@ -256,6 +259,8 @@ class EditingTask(Task):
             raise ValueError(f"task.prompt_template must contain '{{prompt}}', got {prompt_template!r}")
         if "{question}" not in synthetic_template:
             raise ValueError(f"task.synthetic_template must contain '{{question}}', got {synthetic_template!r}")
+        if score_every and protocol != "sequential":
+            raise ValueError("task.score_every scores along a sequential edit stream: it needs task.protocol=sequential")
         if source == "synthetic" and data_seed == train_seed and n_train:
             raise ValueError("task.train_seed must differ from task.data_seed (the training split must be held out)")
         self.source, self.path, self.train_path = source, path, train_path
@@ -266,6 +271,7 @@ class EditingTask(Task):
         self.data_seed, self.train_seed, self.synthetic_template = data_seed, train_seed, synthetic_template
         self.general_questions = [list(pair) for pair in general_questions or []]
         self.prefix = PREFIX[protocol]
+        self.score_every = score_every
         self._edits: list[Edit] | None = None
         self._train: list[Edit] | None = None
         self._pre_edit_ids: dict[str, tuple[int, ...]] = {}
@@ -352,9 +358,10 @@ class EditingTask(Task):
             for j, (prompt, answer, kind) in enumerate(zip(e.locality_prompts, e.locality_answers, e.locality_kinds))
         ]
 
-    def probe_sets(self, edits: Sequence[Edit], start: int) -> list[ProbeSet]:
-        """The post-edit probe sets of `edits` (`start` = injection position of the first one)."""
-        p = self.prefix
+    def probe_sets(self, edits: Sequence[Edit], start: int, prefix: str | None = None) -> list[ProbeSet]:
+        """The post-edit probe sets of `edits` (`start` = injection position of the first one), named
+        `<prefix>/...` (default: the protocol's)."""
+        p = prefix or self.prefix
         contexts = [self.knowledge(e).context for e in edits]
         rewrite = [(e, start + i, "rewrite", e.prompt, c) for i, (e, c) in enumerate(zip(edits, contexts))]
         rephrase = [(e, start + i, f"rephrase{j}", q, c)
@@ -383,7 +390,11 @@ class EditingTask(Task):
                              output_type="loglikelihood", scorer="editing")
         steps = [Step(index=0, knowledge=[], probe_sets=[reference] if reference.probes else [], label="pre-edit")]
         if self.protocol == "sequential":
-            steps += [Step(index=i + 1, knowledge=[self.knowledge(e)], probe_sets=[], label=e.id) for i, e in enumerate(edits)]
+            # with score_every=k, every edit injected so far is scored after edits k, 2k, ... (stream/...)
+            steps += [Step(index=i + 1, knowledge=[self.knowledge(e)], label=e.id,
+                           probe_sets=self.probe_sets(edits[: i + 1], 0, STREAM)
+                           if self.score_every and (i + 1) % self.score_every == 0 and i + 1 < len(edits) else [])
+                      for i, e in enumerate(edits)]
             steps.append(Step(index=len(edits) + 1, knowledge=[], probe_sets=self.probe_sets(edits, 0),
                               label=f"after all {len(edits)} edits"))
         else:
@@ -398,6 +409,7 @@ class EditingTask(Task):
         if probe_set.scorer != "editing":
             raise NotImplementedError(f"task=editing cannot score probe set {probe_set.name!r}")
         kind = probe_set.name.rsplit("/", 1)[-1]
+        prefix = probe_set.name.split("/", 1)[0]  # the protocol's, or stream/ along the edit stream
         several_kinds = len(self.locality_kinds()) > 1
         scores = []
         for probe, output in zip(probe_set.probes, outputs):
@@ -409,8 +421,8 @@ class EditingTask(Task):
                 if pre is None:
                     raise KBenchError(f"no pre-edit reference for {probe.query.id!r}: the pre-edit step must run first")
                 value = metrics.locality_agreement(pre, _predicted_ids(output, probe))
-                per_kind = {f"{self.prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
-                scores.append({f"{self.prefix}/locality": value} | per_kind)
+                per_kind = {f"{prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
+                scores.append({f"{prefix}/locality": value} | per_kind)
             elif kind.endswith("_tf"):
                 scores.append({probe_set.name: output.token_accuracy})
             else:  # reliability_gen / generality_gen
@@ -434,12 +446,13 @@ class EditingTask(Task):
         return self._aggregate(results)
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
-        return self._aggregate(results)
+        """The protocol's metrics (and the pre-edit reference); the stream's are in `report`."""
+        return self._aggregate(_final(results))
 
     def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
         """The unit is the edit with all its probes: each metric's per-edit means (the macro average's terms)."""
         samples: dict[str, MetricSample] = {}
-        for name, pairs in self._pairs(results).items():
+        for name, pairs in self._pairs(_final(results)).items():
             grouped = metrics.group_by_edit(pairs)
             samples[name] = MetricSample([sum(v) / len(v) for v in grouped.values()], list(grouped), "edit")
         return samples
@@ -452,6 +465,9 @@ class EditingTask(Task):
         when = (f"each edit scored once after all T={T} edits were injected one by one without reset (sequential, "
                 "WISE/retention protocol)" if self.protocol == "sequential"
                 else "each edit scored right after injecting it alone into the reset method (single-edit protocol)")
+        if self.score_every:
+            when += (f"; also scored after every {self.score_every} edits along the stream (task_report.stream, "
+                     f"{STREAM}/... step metrics), which leaves the after-all scores unchanged")
         tail = f"; {when}; macro-average over edits"
         tf = "loglikelihood/teacher-forced token accuracy of target_new"
         loc = ("loglikelihood/agreement of the teacher-forced argmax tokens on the locality answer with the pre-edit "
@@ -474,9 +490,11 @@ class EditingTask(Task):
     # ------------------------------------------------------------------ reporting
     def report(self, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
         """Per-edit metrics (`edits.csv`) and, in injection order, the metrics of each fifth of the edits:
-        in the sequential protocol, early edits have survived more later edits (retention)."""
+        in the sequential protocol, early edits have survived more later edits (retention). With
+        `score_every`, the scores along the stream (`stream`, `stream.png`)."""
+        stream = self._stream(results, Path(output_dir)) if self.score_every else None
         per_edit: dict[str, dict[str, Any]] = {}
-        for result in results:
+        for result in _final(results):
             if result.probe_set == PRE_EDIT:
                 continue
             row = per_edit.setdefault(result.probe.knowledge_id, {"edit": result.probe.knowledge_id,
@@ -504,7 +522,56 @@ class EditingTask(Task):
                 if values:
                     summary[column] = round(sum(values) / len(values), 4)
             buckets.append(summary)
-        return {"protocol": self.protocol, "n_edits": len(rows), "by_position": buckets, "files": ["edits.csv"]}
+        report = {"protocol": self.protocol, "n_edits": len(rows), "by_position": buckets, "files": ["edits.csv"]}
+        if stream is not None:
+            report |= {"stream": stream, "files": ["edits.csv", STREAM_PLOT]}
+        return report
+
+    def checkpoints(self) -> list[int]:
+        """With `score_every`=k: how many edits were injected at each scoring along the stream (k, 2k, ...,
+        and T, the after-all scoring, last)."""
+        k, total = self.score_every, len(self.edits)
+        return [*range(k, total, k), total] if k else [total]
+
+    def _stream(self, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
+        """The retention matrices of edit batches: M[j][b] = the macro-average over batch b's edits (batch b
+        = edits b*k+1 .. (b+1)*k) of a metric at the j-th scoring (after checkpoints()[j] edits); null
+        before the batch is injected. The last row is the after-all scoring, i.e. the protocol's metrics
+        per batch. `curves`: the macro-average over every edit injected so far, per scoring."""
+        k, checkpoints = self.score_every, self.checkpoints()
+        row_of_step = {n: j for j, n in enumerate(checkpoints[:-1])} | {len(self.edits) + 1: len(checkpoints) - 1}
+        position = {e.id: i for i, e in enumerate(self.edits)}
+        values: dict[str, dict[int, dict[str, list[float]]]] = {}  # metric -> row -> edit -> values
+        for result in results:
+            if result.probe_set == PRE_EDIT or result.step not in row_of_step:
+                continue
+            for name, value in result.metrics.items():
+                family = name.split("/", 1)[1]
+                edits = values.setdefault(family, {}).setdefault(row_of_step[result.step], {})
+                edits.setdefault(result.probe.knowledge_id, []).append(value)
+        n = len(checkpoints)
+        matrices, curves = {}, {}
+        for family, rows in sorted(values.items()):
+            matrix: list[list[float | None]] = [[None] * n for _ in range(n)]
+            curve: list[float | None] = [None] * n
+            for j, edits in rows.items():
+                per_edit = {e: sum(v) / len(v) for e, v in edits.items()}
+                for b in range(j + 1):
+                    batch = [m for e, m in per_edit.items() if position[e] // k == b]
+                    matrix[j][b] = sum(batch) / len(batch) if batch else None
+                curve[j] = sum(per_edit.values()) / len(per_edit)
+            matrices[family], curves[family] = matrix, curve
+        plot_stream(matrices, curves, checkpoints, output_dir / STREAM_PLOT)
+        return {
+            "score_every": k,
+            "edits_injected": checkpoints,
+            "batches": [[b * k + 1, min((b + 1) * k, len(self.edits))] for b in range(n)],
+            "layout": "matrices[metric][j][b]: row j = the j-th scoring (after edits_injected[j] edits; the last "
+                      "row is after all edits), column b = edit batch b (edits batches[b], 1-based); null = "
+                      "not yet injected; macro-average over the batch's edits",
+            "matrices": matrices,
+            "curves": curves,
+        }
 
     def describe(self) -> dict[str, Any]:
         edits = self.edits
@@ -514,6 +581,7 @@ class EditingTask(Task):
             "path": str(self.path) if self.path else None,
             "train_path": str(self.train_path) if self.train_path else None,
             "protocol": self.protocol,
+            "score_every": self.score_every,
             "n_edits": len(edits),
             "n_rephrase_prompts": sum(len(e.rephrase_prompts) for e in edits),
             "n_locality_prompts": kinds,
@@ -521,6 +589,40 @@ class EditingTask(Task):
             "dropped": dict(self.dropped),
             "example": json.loads(json.dumps(self.knowledge(edits[0]).meta, default=str)),
         }
+
+
+def plot_stream(matrices: dict[str, list[list[float | None]]], curves: dict[str, list[float | None]],
+                checkpoints: Sequence[int], path: Path) -> None:
+    """The metrics along the edit stream (macro-average over the edits injected so far) and, per
+    teacher-forced metric, the retention matrix of edit batches."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    heat = [name for name in ("reliability_tf", "generality_tf", "locality") if name in matrices]
+    figure = Figure(figsize=(4.2 * (1 + len(heat)), 3.8), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 1 + len(heat), squeeze=False)[0]
+    for name, curve in curves.items():
+        if not name.startswith("locality_"):
+            axes[0].plot(checkpoints, [np.nan if v is None else v for v in curve], "o-", label=name)
+    axes[0].set(xlabel="edits injected", ylabel="macro-average over injected edits", ylim=(-0.02, 1.02),
+                title="scores along the edit stream")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    for ax, name in zip(axes[1:], heat):
+        matrix = np.array([[np.nan if v is None else v for v in row] for row in matrices[name]], dtype=float)
+        image = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        ax.set(xlabel="edit batch", ylabel="scoring (after n edits)", title=name)
+        ax.set_yticks(range(len(checkpoints)), [str(c) for c in checkpoints])
+        figure.colorbar(image, ax=ax, shrink=0.8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
+
+
+def _final(results: Sequence[ProbeResult]) -> list[ProbeResult]:
+    """Results without those scored along the stream (task.score_every)."""
+    return [r for r in results if not r.probe_set.startswith(STREAM + "/")]
 
 
 def _trim_rephrases(edit: Edit, limit: int) -> Edit:

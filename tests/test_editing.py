@@ -211,3 +211,39 @@ def test_the_real_counterfact_files_load_and_the_training_split_is_disjoint(shar
     assert all(e.rephrase_prompts and e.locality_prompts for e in task.edits)
     train = task.training_knowledge()
     assert len(train) == 200 and not {k.meta["prompt"] for k in train} & {e.prompt for e in task.edits}
+
+
+@pytest.mark.slow
+def test_score_every_one_on_three_edits_gives_a_3x3_matrix_whose_last_row_is_the_after_all_scores(tmp_path):
+    overrides = ("model=tiny", "logger=none", "method=ft_context", "method.epochs=1", "task=editing", "task.n_edits=3",
+                 "task.max_new_tokens=4", "task.n_train=0")
+    names = {"method": "ft_context", "task": "editing", "model": "tiny"}
+    Experiment(compose_config(*overrides, "task.score_every=1"), tmp_path / "stream", names=names).run()
+    Experiment(compose_config(*overrides), tmp_path / "end", names=names).run()
+    stream, end = read_record(tmp_path / "stream"), read_record(tmp_path / "end")
+    assert stream["status"] == end["status"] == "done"
+    report = stream["task_report"]["stream"]
+    assert report["edits_injected"] == [1, 2, 3] and report["batches"] == [[1, 1], [2, 2], [3, 3]]
+    matrix = report["matrices"]["reliability_tf"]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix)
+    assert matrix[0][1:] == [None, None] and matrix[1][2] is None and None not in matrix[2]  # not yet injected
+    # the last row: each edit's own after-all score, as the predictions hold them
+    final = [json.loads(line) for line in (tmp_path / "stream" / "predictions.jsonl").read_text().splitlines()]
+    after_all = {r["knowledge_id"]: r["metrics"]["after_all/reliability_tf"] for r in final
+                 if r["probe_set"] == "after_all/reliability_tf"}
+    assert matrix[2] == pytest.approx([after_all[f"syn-edit0-{i}"] for i in range(3)])
+    for family in ("reliability_tf", "generality_tf", "locality"):
+        last = report["matrices"][family][2]
+        assert sum(last) / 3 == pytest.approx(stream["metrics"][f"after_all/{family}"])  # batches of one edit
+        assert report["curves"][family][2] == pytest.approx(stream["metrics"][f"after_all/{family}"])
+    # scoring along the stream neither adds final metrics nor changes the after-all ones; the protocol says so
+    assert stream["metrics"] == pytest.approx(end["metrics"])
+    assert "after every 1 edits" in stream["metric_protocols"]["after_all/reliability_tf"]
+    assert "stream/reliability_tf" in stream["steps"][1]["metrics"] and (tmp_path / "stream" / "stream.png").is_file()
+    assert "stream" not in end["task_report"]
+
+
+def test_score_every_needs_the_sequential_protocol():
+    with pytest.raises(ValueError, match="score_every"):
+        EditingTask(protocol="single", score_every=2)
+    assert EditingTask(n_edits=5, n_train=0, score_every=2).checkpoints() == [2, 4, 5]

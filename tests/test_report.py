@@ -315,3 +315,43 @@ def test_baseline_marks_cells_that_differ_in_a_paired_test_and_compare_delegates
     assert "0.1000" in capsys.readouterr().out
     assert report.main([str(tmp_path), "--compare", "base,rag_bm25"]) == 2
     assert "no finished run of method 'rag_bm25'" in capsys.readouterr().err
+
+
+def test_cost_table_shows_per_item_and_per_query_costs_and_overhead_over_base(tmp_path):
+    def with_cost(directory: Path, method: str, seed: int, **cost) -> None:
+        write_run(directory, method, seed, {"qa_f1": 0.5})
+        record = json.loads((directory / "record.json").read_text())
+        record["cost"] = {"inject_seconds_per_item": 0.0, "peak_rss_bytes": 1_000_000_000, "extra_storage_bytes": 0,
+                          "parallel_jobs": 1} | cost
+        (directory / "record.json").write_text(json.dumps(record))
+
+    with_cost(tmp_path / "b", "base", 0, answer_seconds_per_query=0.010)
+    with_cost(tmp_path / "f0", "ft_sentences", 0, answer_seconds_per_query=0.012, inject_seconds_per_item=3.0)
+    with_cost(tmp_path / "f1", "ft_sentences", 1, answer_seconds_per_query=0.014, inject_seconds_per_item=5.0,
+              peak_rss_bytes=3_000_000_000, extra_storage_bytes=2_000_000)
+    with_cost(tmp_path / "r0", "rag_bm25", 0, answer_seconds_per_query=0.030, parallel_jobs=2)
+    table = report.cost_table(report.runs_frame(report.load_runs([tmp_path]).records), "synthetic").set_index("method")
+    ft = table.loc["ft_sentences"]
+    # means over the two seeds: 4 s per item, 13 ms per query = +3 ms over base's 10 ms, 2 GB peak, 1 MB stored
+    assert (ft["inject s/item"], ft["answer ms/query"], ft["vs base ms/query"]) == ("4.00", "13.0", "+3.0")
+    assert (ft["peak RSS"], ft["extra storage"], ft["machine"]) == ("2.0 GB", "1.0 MB", "alone")
+    rag = table.loc["rag_bm25"]  # it shared the machine with another job: no overhead against a run that did not
+    assert rag["machine"] == "shared (n_jobs 2)" and rag["vs base ms/query"] == "– (machine differs)"
+    assert "peak GPU" not in table.columns  # no CUDA run
+    assert "### synthetic: cost" in report.render([tmp_path], cost=True)
+
+
+def test_plot_draws_editing_scores_along_the_stream(tmp_path):
+    for seed, last in ((0, 0.5), (1, 0.7)):
+        write_run(tmp_path / f"m{seed}", "memoir", seed, {"after_all/reliability_tf": last}, task="editing")
+        record = json.loads((tmp_path / f"m{seed}" / "record.json").read_text())
+        record["task_report"] = {"stream": {"edits_injected": [1, 2, 3], "curves": {
+            "reliability_tf": [1.0, 0.75, last], "generality_tf": [0.5, 0.5, 0.4], "locality": [1.0, 0.9, 0.8]}}}
+        (tmp_path / f"m{seed}" / "record.json").write_text(json.dumps(record))
+    curves = report._stream_curves(report.load_runs([tmp_path]).records)
+    assert len(curves) == 2 * 3 * 3
+    last = curves[(curves["family"] == "reliability_tf") & (curves["x"] == 3)]["value"]
+    assert last.mean() == pytest.approx(0.6)
+    written = report.plot([tmp_path], tmp_path / "plots")
+    assert tmp_path / "plots" / "stream_editing.png" in written
+    assert matplotlib.image.imread(tmp_path / "plots" / "stream_editing.png").shape[1] < 2000
