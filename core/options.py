@@ -122,8 +122,17 @@ def _is_union(hint: Any) -> bool:
 
 
 def _item_hint(hint: Any) -> Any:
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if len(args) == 1 else hint
+    """The hint of one item of a list hint, through Optional[...] and Annotated[...]."""
+    while typing.get_origin(hint) is typing.Annotated or _is_union(hint):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) is typing.Annotated:
+            hint = args[0]
+        elif len(args) == 1:
+            hint = args[0]
+        else:
+            return hint
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) in (list, tuple, set) and args else hint
 
 
 _BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}

@@ -168,7 +168,7 @@ def test_probes_add_a_reference_step_and_sets_after_each_injection():
 
 
 def test_bad_probe_switches_are_clear_errors():
-    with pytest.raises(ValueError, match="unknown probe family"):
+    with pytest.raises(ValueError, match=r"task.probes\[1\]: expected one of 'qa', 'near_miss', 'conflict', 'drift', got 'leak'"):
         SyntheticTask(probes=["qa", "leak"])
     with pytest.raises(ValueError, match="must include qa"):
         SyntheticTask(probes=["drift"])
