@@ -14,8 +14,8 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import torch
@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from core.io import cache_dir, default_modes, note_input, stable_hash
 from core.lm import LM
 from core.progress import heartbeat
-from core.types import KBenchError, NonNegativeInt, PositiveInt
+from core.types import KBenchError, PositiveInt
 
 log = logging.getLogger(__name__)
 
