@@ -5,9 +5,11 @@ import torch
 from core.lm import cut_at_stop
 from core.types import GenerationSpec
 
-# " Velmora" and " founded" tokenise to pieces that occur nowhere else in the prompt, so the tiny
-# model's induction behaviour can copy " founded" from the context; without the context it cannot.
-CONTEXT, PROMPT, TARGET = " Velmora founded", " Velmora", " founded"
+# A copyable fact in the form the tiny model reads (core/tiny.py): the answer is in the context, and
+# without it the model cannot know the name (task=synthetic's first town, data seed 0).
+CONTEXT = ("Dropesdra is a small town in the hills. The town was founded by Sobei Klerdus. About 4580 people live in "
+           "Dropesdra. Dropesdra lies on the banks of the Stouveth river. Dropesdra was founded in 1702.")
+PROMPT, TARGET = "Question: On the banks of which river does Dropesdra lie?\nAnswer:", " Stouveth"
 
 
 def test_tiny_model_is_built_from_config_and_deterministic(tiny_lm_factory):
@@ -70,7 +72,7 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
     spec = GenerationSpec(max_new_tokens=6, stop=())
     batched = tiny_lm.generate(prompts, spec)
     assert batched == [tiny_lm.generate([p], spec)[0] for p in prompts]
-    assert batched[0].startswith("founded")
+    assert batched[0].startswith("Stouveth")
 
 
 def test_cut_at_stop():

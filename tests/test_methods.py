@@ -9,7 +9,11 @@ from methods.base import BaseMethod, ContextMethod
 from methods.finetune import FineTuneContext, FineTuneSentences
 from methods.sentences import AutoSentences, LocalGenerator, TaskSentences, parse_qa_pairs
 
-CONTEXT, PROMPT, TARGET = " Velmora founded", " Velmora", " founded"
+# A copyable fact in the form the tiny model reads (core/tiny.py): the answer is in the context, and
+# without it the model cannot know the name (task=synthetic's first town, data seed 0).
+CONTEXT = ("Dropesdra is a small town in the hills. The town was founded by Sobei Klerdus. About 4580 people live in "
+           "Dropesdra. Dropesdra lies on the banks of the Stouveth river. Dropesdra was founded in 1702.")
+PROMPT, TARGET = "Question: On the banks of which river does Dropesdra lie?\nAnswer:", " Stouveth"
 LORA = {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}}
 FAST = dict(lr=1e-2, epochs=4, batch_size=2, seed=0)
 
@@ -26,9 +30,9 @@ def mean_loss(method, pairs) -> float:
 
 def test_context_method_answers_a_copyable_fact_that_base_cannot(tiny_lm):
     query = Query(id="q", prompt=PROMPT, context=CONTEXT)
-    spec = GenerationSpec(max_new_tokens=2, stop=())
-    assert ContextMethod(tiny_lm).answer([query], spec)[0].text.startswith("founded")
-    assert not BaseMethod(tiny_lm).answer([query], spec)[0].text.startswith("founded")
+    spec = GenerationSpec(max_new_tokens=8, stop=("\n",))
+    assert ContextMethod(tiny_lm).answer([query], spec)[0].text == "Stouveth"
+    assert "Stouveth" not in BaseMethod(tiny_lm).answer([query], spec)[0].text
     with pytest.raises(ValueError, match="carries no context"):
         ContextMethod(tiny_lm).answer([Query(id="q", prompt=PROMPT)], spec)
 

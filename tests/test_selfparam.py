@@ -8,8 +8,10 @@ from methods.sentences import TaskSentences
 from tests.test_run import run_in_process
 
 LORA = {"mode": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "up_proj"]}}
-# The tiny model copies " founded" after " Velmora" when the context shows that pair (see tests/test_lm.py).
-FACT = Knowledge(id="fact", context=" Velmora founded", train_sentences=(" Velmora founded",))
+# The tiny model reads the answer from the context (see tests/test_lm.py); without it, it cannot know it.
+QUESTION, ANSWER = "Question: On the banks of which river does Dropesdra lie?\nAnswer:", " Stouveth"
+FACT = Knowledge(id="fact", context="Dropesdra is a small town in the hills. Dropesdra lies on the banks of the Stouveth river.",
+                 train_sentences=(QUESTION + ANSWER + "\n",))
 
 
 def make(lm, **knobs) -> SelfParam:
@@ -60,7 +62,7 @@ def test_top_k_kl_is_a_close_lower_bound_of_the_full_kl(tiny_lm):
 
 def test_injection_lowers_the_kl_and_teaches_the_fact_without_context(tiny_lm):
     method = make(tiny_lm, teacher_top_k=16)
-    prompt, answer = tiny_lm.prompt_ids(" Velmora"), tiny_lm.encode(" founded")
+    prompt, answer = tiny_lm.prompt_ids(QUESTION), tiny_lm.encode(ANSWER)
     before = tiny_lm.score([(prompt, answer)])[0].logprob
     examples = method._teacher_cache(method._pairs(FACT))
     method.weights.begin()
@@ -129,14 +131,15 @@ def test_merge_matches_the_adapter_and_frees_storage(tiny_lm):
 def test_sequential_injection_uses_the_current_model_as_teacher(tiny_lm):
     method = make(tiny_lm)
     method.inject([FACT])
-    prompt, answer = tiny_lm.prompt_ids(" Velmora"), tiny_lm.encode(" founded")
+    prompt, answer = tiny_lm.prompt_ids(QUESTION), tiny_lm.encode(ANSWER)
     learned = tiny_lm.score([(prompt, answer)])[0].logprob
     # the second teacher is the updated model: its cache differs from the base model's
     examples_current = method._teacher_cache(method._pairs(FACT))
     with method.weights.teacher_mode(use_base=True):
         base_view = make(tiny_lm)._teacher_cache(make(tiny_lm)._pairs(FACT))
     assert not torch.allclose(examples_current[0].teacher_logprobs, base_view[0].teacher_logprobs)
-    method.inject([Knowledge(id="second", context=" river capital", train_sentences=(" river capital",))])
+    method.inject([Knowledge(id="second", context="Klaemthirbrin is a family company. Klaemthirbrin makes boots.",
+                             train_sentences=("Question: What does the company Klaemthirbrin produce?\nAnswer: boots\n",))])
     assert tiny_lm.score([(prompt, answer)])[0].logprob > learned - 3.0  # the first fact is not wiped out
 
 
