@@ -324,7 +324,8 @@ class Experiment:
         record = self.record
         self.wandb_run.summary.update({**record.metrics, "status": record.status,
                                        "extra_storage_bytes": record.extra_storage_bytes,
-                                       **{f"time/{k}": v for k, v in record.timings.items()}})
+                                       **{f"time/{k}": v for k, v in record.timings.items()},
+                                       **{f"cost/{k}": v for k, v in record.cost.items() if isinstance(v, (int, float))}})
         self.wandb_run.save(str(self.output_dir / "record.json"), base_path=str(self.output_dir), policy="now")
         self.wandb_run.finish(exit_code=0 if record.status == "done" else 1)
 
