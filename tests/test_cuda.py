@@ -197,3 +197,21 @@ def test_memoir_and_selfparam_on_the_gpu(tiny_lm_factory):
                    continuation_per_sentence=0, regularisation_per_sentence=0, teacher_top_k=0)
     sp.inject([item])
     assert all(torch.isfinite(torch.tensor(sp.losses)))
+
+
+def test_a_run_on_the_device_records_its_peak_gpu_memory(tmp_path):
+    """record.cost (issue 20 item 3): a CUDA run records torch's allocator peak; a CPU run has no such key."""
+    from runners.experiment import Experiment
+    from tests.conftest import compose_config, read_record
+
+    overrides = ["model=tiny", "logger=none", "method=ft_context", "method.epochs=1", "task.n_contexts=1"]
+    cfg = compose_config(*overrides, *([] if FAKE else ["hardware=gpu"]))
+    Experiment(cfg, tmp_path, names={"method": "ft_context", "task": "synthetic", "model": "tiny"}).run()
+    record = read_record(tmp_path)
+    assert record["status"] == "done", record["error"]
+    cost = record["cost"]
+    if DEV == "cuda":
+        assert 0 < cost["peak_gpu_bytes"] < torch.cuda.get_device_properties(0).total_memory
+    else:
+        assert "peak_gpu_bytes" not in cost
+    assert cost["peak_rss_bytes"] > 0 and cost["items_injected"] == 1
