@@ -463,7 +463,14 @@ def compare_text(paths: Sequence[str | Path], spec: str, metrics: Sequence[str] 
             chosen = done[done["method"] == name]
             if chosen.empty:
                 raise ValueError(f"--compare: no finished run of method {name!r} (methods: {sorted(set(done['method']))})")
-            return {(r.task, r.model, r.seed): r.path for r in chosen.itertuples()}
+            runs: dict[tuple, str] = {}
+            for r in chosen.itertuples():
+                key = (r.task, r.model, r.seed)
+                if key in runs:  # two settings of the method (a knob differs): which one is meant is not known
+                    raise ValueError(f"--compare: method {name!r} has several runs for task {r.task}, model {r.model}, "
+                                     f"seed {r.seed} ({runs[key]}, {r.path}): name run folders instead")
+                runs[key] = r.path
+            return runs
 
         runs_a, runs_b = runs_of(names[0]), runs_of(names[1])
         shared = sorted(set(runs_a) & set(runs_b), key=str)

@@ -315,6 +315,11 @@ def test_baseline_marks_cells_that_differ_in_a_paired_test_and_compare_delegates
     assert "0.1000" in capsys.readouterr().out
     assert report.main([str(tmp_path), "--compare", "base,rag_bm25"]) == 2
     assert "no finished run of method 'rag_bm25'" in capsys.readouterr().err
+    write_scored_run(tmp_path / "good2", "ft_sentences", 0, [1.0] * 10, 0.0, [1.0, 1.0])
+    record = json.loads((tmp_path / "good2" / "record.json").read_text())
+    (tmp_path / "good2" / "record.json").write_text(json.dumps(record | {"run_id": "other", "group_id": "other"}))
+    assert report.main([str(tmp_path), "--compare", "base,ft_sentences"]) == 2
+    assert "several runs" in capsys.readouterr().err
 
 
 def test_cost_table_shows_per_item_and_per_query_costs_and_overhead_over_base(tmp_path):
