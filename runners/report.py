@@ -221,7 +221,8 @@ def group_columns(names: Sequence[str], groups: Sequence[str] | None = None) -> 
 
 def summarize(frame: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean and std over seeds of every metric, per setting, for finished runs only (numeric columns:
-    `<metric>_mean`, `<metric>_std`, `n`, `inject_s_mean`, `extra_storage_bytes_mean`)."""
+    `<metric>_mean`, `<metric>_std`, `<metric>_se`, `<metric>_lo`, `<metric>_hi`, `n`, `inject_s_mean`,
+    `extra_storage_bytes_mean`)."""
     done = frame[frame["status"] == "done"] if len(frame) else frame
     metrics = list(metrics) if metrics else metric_names(done)
     missing = [m for m in metrics if f"metric/{m}" not in done.columns]
@@ -231,16 +232,17 @@ def summarize(frame: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.D
         return pd.DataFrame(columns=[*SETTING, "n", "inject_s_mean", "extra_storage_bytes_mean"])
     grouped = done.groupby(SETTING, sort=True, dropna=False)
     table = grouped.size().rename("n").to_frame()
+    columns: dict[str, pd.Series] = {}  # joined at once: a column at a time fragments a wide frame
     for metric in metrics:
-        table[f"{metric}_mean"] = grouped[f"metric/{metric}"].mean()
-        table[f"{metric}_std"] = grouped[f"metric/{metric}"].std(ddof=1)
-        _add_uncertainty(table, grouped, metric)
-    table["inject_s_mean"] = grouped["inject_s"].mean()
-    table["extra_storage_bytes_mean"] = grouped["extra_storage_bytes"].mean()
-    return table.reset_index()
+        columns[f"{metric}_mean"] = grouped[f"metric/{metric}"].mean()
+        columns[f"{metric}_std"] = grouped[f"metric/{metric}"].std(ddof=1)
+        columns |= _uncertainty(table.index, grouped, metric)
+    columns["inject_s_mean"] = grouped["inject_s"].mean()
+    columns["extra_storage_bytes_mean"] = grouped["extra_storage_bytes"].mean()
+    return pd.concat([table, pd.DataFrame(columns, index=table.index)], axis=1).reset_index()
 
 
-def _add_uncertainty(table: pd.DataFrame, grouped: Any, metric: str) -> None:
+def _uncertainty(index: pd.Index, grouped: Any, metric: str) -> dict[str, pd.Series]:
     """`<metric>_se` (seeds combined, `combined_se`) and the 95 % interval `<metric>_lo` / `_hi`: one run's
     stored bootstrap interval, or mean ± 1.96 se over several seeds. NaN where a run has no SE."""
     se, low, high = {}, {}, {}
@@ -254,8 +256,8 @@ def _add_uncertainty(table: pd.DataFrame, grouped: Any, metric: str) -> None:
         else:
             mean = sum(values) / len(values)
             low[key], high[key] = mean - 1.96 * se[key], mean + 1.96 * se[key]
-    for suffix, column in (("se", se), ("lo", low), ("hi", high)):
-        table[f"{metric}_{suffix}"] = pd.Series(column, dtype=float).reindex(table.index)
+    return {f"{metric}_{suffix}": pd.Series(column, dtype=float).reindex(index)
+            for suffix, column in (("se", se), ("lo", low), ("hi", high))}
 
 
 def human_bytes(n: float) -> str:
