@@ -4,7 +4,10 @@ import torch
 
 from core.types import GenerationSpec
 
-CONTEXT, PROMPT, TARGET = " Velmora founded", " Velmora", " founded"
+# the tiny model reads this answer from the context (tests/test_lm.py) and cannot know it without
+CONTEXT = ("Dropesdra is a small town in the hills. The town was founded by Sobei Klerdus. About 4580 people live in "
+           "Dropesdra. Dropesdra lies on the banks of the Stouveth river. Dropesdra was founded in 1702.")
+PROMPT, TARGET = "Question: On the banks of which river does Dropesdra lie?\nAnswer:", " Stouveth"
 
 
 def test_no_vectors_score_and_generate_exactly_like_the_token_path(tiny_lm):
@@ -28,10 +31,10 @@ def test_vectors_equal_to_context_embeddings_act_like_the_context(tiny_lm):
     (with_vectors,) = tiny_lm.score_with_vectors([(tiny_lm.prompt_ids(PROMPT), target)], [context_vectors])
     (without,) = tiny_lm.score([(tiny_lm.prompt_ids(PROMPT), target)])
     assert with_vectors.logprob == pytest.approx(with_tokens.logprob, abs=1e-4)
-    assert with_vectors.logprob > without.logprob + 4.0  # the tiny model copies " founded" only with the context
+    assert with_vectors.logprob > without.logprob + 4.0  # the tiny model reads " Stouveth" only with the context
     spec = GenerationSpec(max_new_tokens=2, stop=())
     (answer,) = tiny_lm.generate_with_vectors([tiny_lm.prompt_ids(PROMPT)], [context_vectors], spec)
-    assert answer.startswith("founded")
+    assert answer.startswith("Sto")
 
 
 def test_batched_rows_with_different_vector_counts_match_one_by_one(tiny_lm):
