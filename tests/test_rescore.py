@@ -18,7 +18,7 @@ from tests.test_sequential import copy_data
 TINY = ["model=tiny", "logger=none", "method=context"]
 # the copyable facts of test_sequential, answered with some trailing words: F1 and `contains` differ
 SMALL_SEQUENTIAL = ["task=sequential_pwc", "task.n_sequences=2", "task.length=2", "task.source.prompt_template='{question}'",
-                    "task.source.max_new_tokens=4"]
+                    "task.source.max_new_tokens=8"]
 
 
 def run(directory: Path, *overrides: str) -> Path:
@@ -79,7 +79,9 @@ def test_a_scoring_override_changes_the_metrics_as_defined(sequential_run):
     assert record["metrics"]["final_contains"] == pytest.approx(np.mean(per_sequence))
     assert (out / "retention.png").stat().st_size > 0
     original = record["rescore"]["original_metrics"]
-    assert record["metrics"]["auc_contains"] > original["auc_qa_f1"]  # "founded. Or" contains "founded", F1 0.67
+    # the two definitions disagree on these answers ("Harvoltol" contains "Harvolt" at F1 0; "Sobei Kler" has
+    # F1 0.5 for "Sobei Klerdus" but does not contain it), so the rescored AUC must move
+    assert record["metrics"]["auc_contains"] != pytest.approx(original["auc_qa_f1"])
 
 
 def test_changed_predictions_change_the_metrics(sequential_run, tmp_path):
@@ -103,8 +105,8 @@ def test_bad_overrides_and_mismatched_predictions_are_refused(sequential_run, tm
     with pytest.raises(RescoreError, match="prediction.s. match no probe of the rebuilt task, e.g. step 3.*change the "
                                            "steps or probes"):
         rescore(sequential_run, ["task.n_sequences=1"])
-    with pytest.raises(RescoreError, match=r"predictions.jsonl:1: the prediction answers another prompt .*'Velmora' vs "):
-        rescore(sequential_run, ["task.source.drop_questions_containing=[Velmora]"])  # renumbers the questions
+    with pytest.raises(RescoreError, match=r"predictions.jsonl:\d+: the prediction answers another prompt .*Velmora"):
+        rescore(sequential_run, ["task.source.drop_questions_containing=['river does Velmora']"])  # renumbers the questions
     with pytest.raises(RescoreError, match="answers another prompt .* cannot change what was asked"):
         rescore(sequential_run, ["task.source.prompt_template='Q: {question}'"])
     assert not [p for p in sequential_run.iterdir() if p.is_dir() and p.name.startswith("rescored-")
@@ -146,7 +148,7 @@ def test_cli_prints_the_comparison_and_exits_nonzero_on_bad_input(qa_run):
     assert "original" in result.stdout and "qa_f1" in result.stdout and (qa_run / "cli" / "record.json").is_file()
     result = subprocess.run([sys.executable, "-m", "runners.rescore", str(qa_run), "task.n_contexts=x"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 1 and "task.n_contexts: expected int, got 'x'" in result.stderr
+    assert result.returncode == 1 and "task.n_contexts: expected int >= 1, got 'x'" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -17,13 +17,12 @@ from tasks.synthetic import SyntheticTask
 from tests.conftest import compose_config, read_record
 
 # fact pairs the tiny model can copy from its context ("Velmora founded" + "Velmora" -> "founded")
+# (town, river, founder): one paragraph each in the synthetic task's wording, which the tiny reader
+# answers from its context (the river mostly exactly, the founder partly) and cannot know without it
 CONTEXTS = [
-    [("Velmora", "founded"), ("Orvane", "north")],
-    [("Kestrel", "copper"), ("Brindle", "amber")],
-    [("Tolsa", "river"), ("Quenby", "glass")],
-    [("Marrow", "bells"), ("Ispen", "cedar")],
-    [("Dunmere", "harbour"), ("Yarrow", "violin")],
-    [("Pellin", "lantern"), ("Corvid", "marble")],
+    ("Velmora", "Stouveth", "Sobei Klerdus"), ("Kestrel", "Druxvil", "Arno Peldis"),
+    ("Tolsa", "Pendrake", "Mira Quandel"), ("Marrow", "Bellquay", "Tovin Ashker"),
+    ("Dunmere", "Harvolt", "Lesa Orvane"), ("Pellin", "Lantrow", "Corvid Ispen"),
 ]
 
 
@@ -173,16 +172,21 @@ class RememberInjected(ContextMethod):
 
 
 def copy_data(path: Path) -> Path:
-    path.write_text("".join(json.dumps({"input": ". ".join(f"{k} {v}" for k, v in facts) + ".", "prompt": key,
-                                        "answer": value}) + "\n"
-                            for facts in CONTEXTS for key, value in facts))
+    """A PwC-format file: per town, its paragraph and two questions (river, founder) whose answers it states."""
+    rows = []
+    for town, river, founder in CONTEXTS:
+        paragraph = (f"{town} is a small town in the hills. The town was founded by {founder}. "
+                     f"{town} lies on the banks of the {river} river.")
+        for question, answer in ((f"On the banks of which river does {town} lie?", river), (f"Who founded {town}?", founder)):
+            rows.append({"input": paragraph, "prompt": f"Question: {question}\nAnswer:", "answer": answer})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
 def sequential_cfg(data: Path, *overrides: str):
     return compose_config(
         "model=tiny", "logger=none", "method=context", "task=sequential_pwc", f"task.source.path={data}",
-        "task.source.prompt_template='{question}'", "task.source.max_new_tokens=4", "task.source.stop=['.','\n']",
+        "task.source.prompt_template='{question}'", "task.source.max_new_tokens=8", "task.source.stop=['.','\n']",
         "task.n_sequences=2", "task.length=3", *overrides,
     )
 
