@@ -243,7 +243,9 @@ class Experiment:
         if position + 1 >= len(steps) or not self.cfg.get("resume", {}).get("checkpoint", True):
             return
         with_state = not steps[position + 1].reset_before
-        if resume.write_checkpoint(self.output_dir, self.record.run_id, position + 1, method, with_state) is None:
+        saved = resume.write_checkpoint(self.output_dir, self.record.run_id, position + 1, method, with_state)
+        if saved is None and not getattr(self, "_said_no_state", False):
+            self._said_no_state = True  # once per run: the same is true of every later step
             log.warning("%s cannot save its state (Method.save_state): if this run is killed, it resumes from "
                         "an earlier checkpoint or starts over", type(method).__name__)
 
