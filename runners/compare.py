@@ -95,13 +95,15 @@ def compare_runs(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Paired comparison of two kbench runs on their shared probes.")
-    parser.add_argument("run_a", type=Path)
-    parser.add_argument("run_b", type=Path)
+    parser.add_argument("run_a", type=Path, help="run directory A (the reference, e.g. base)")
+    parser.add_argument("run_b", type=Path, help="run directory B; the difference is B − A")
     parser.add_argument("--metrics", default="", help="comma-separated; default: every metric both runs scored")
-    parser.add_argument("--unit", default="auto", choices=("auto", "probe", "knowledge"))
-    parser.add_argument("--steps", default="all", choices=("all", "last"))
-    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unit", default="auto", choices=("auto", "probe", "knowledge"),
+                        help="the resampled unit; auto: an edit / dialogue for editing and CRS, else a question")
+    parser.add_argument("--steps", default="all", choices=("all", "last"),
+                        help="last: each probe's last evaluation only (sequential tasks re-ask earlier probes)")
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap and permutation resamples")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the resampling")
     args = parser.parse_args(argv)
     try:
         table = compare_runs(args.run_a, args.run_b, [m for m in args.metrics.split(",") if m] or None,
@@ -110,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compare: {err}", file=sys.stderr)
         return 2
     print(f"A = {args.run_a}\nB = {args.run_b}\ndifference = B − A; 95 % paired cluster-bootstrap interval; "
-          "two-sided paired permutation p-value")
+          f"two-sided paired permutation p-value (with {args.resamples} random resamples it cannot go below "
+          f"{2 / (args.resamples + 1):.4f}: read that value as p <= {2 / (args.resamples + 1):.4f})")
     print(table.to_markdown(index=False, floatfmt=".4f"))
     return 0
 
