@@ -14,13 +14,12 @@ per-condition table; `--out` writes `{condition: {"recall@1": {"mean", "se", "n"
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.io import atomic_write_json, require_file
+from core.io import atomic_write_json, read_jsonl_numbered
 from core.types import DataError, KBenchError
 from metrics import ranking
 from tasks.crs import CATALOGUES, load_catalogue
@@ -47,26 +46,12 @@ def _titles(row: dict, key: str, where: str) -> list[str]:
 
 def read_generations(path: str | Path) -> list[dict[str, Any]]:
     """The lines of a generations file; any malformed line raises `DataError` naming file:line."""
-    path = require_file(path, GENERATIONS_FORMAT)
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg}). Expected {GENERATIONS_FORMAT}.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}. Expected {GENERATIONS_FORMAT}.")
-            missing = [key for key in ("generation", "gold") if key not in row]
-            if missing:
-                raise DataError(f"{where}: missing field(s) {missing}. Expected {GENERATIONS_FORMAT}.")
-            if not isinstance(row["generation"], str):
-                raise DataError(f"{where}: 'generation' must be a string, got {type(row['generation']).__name__}.")
-            rows.append({"generation": row["generation"], "gold": _titles(row, "gold", where),
-                         "seen": _titles(row, "seen", where), "line": line_no})
+    for where, row in read_jsonl_numbered(path, ("generation", "gold"), GENERATIONS_FORMAT):
+        if not isinstance(row["generation"], str):
+            raise DataError(f"{where}: 'generation' must be a string, got {type(row['generation']).__name__}.")
+        rows.append({"generation": row["generation"], "gold": _titles(row, "gold", where),
+                     "seen": _titles(row, "seen", where), "line": int(where.rsplit(":", 1)[1])})
     if not rows:
         raise DataError(f"{path}: no generations. Expected {GENERATIONS_FORMAT}.")
     return rows
