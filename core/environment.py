@@ -12,6 +12,9 @@ import os
 import re
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCK_FILES = ("requirements.lock", "requirements-torch.txt")
 ALLOW_DRIFT_VARIABLE = "KBENCH_ALLOW_DRIFT"
@@ -26,13 +29,9 @@ CHECKED = (
 _PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def _public(version: str) -> str:
     """`2.13.0+cpu` -> `2.13.0`: a local build label (CPU / CUDA wheel) is not a different release."""
-    return version.split("+", 1)[0]
+    return Version(version).public
 
 
 def locked_versions(root: Path = ROOT) -> dict[str, str]:
@@ -46,7 +45,7 @@ def locked_versions(root: Path = ROOT) -> dict[str, str]:
         for line in path.read_text(encoding="utf-8").splitlines():
             match = _PIN.match(line.strip())
             if match:
-                pins[_normalise(match.group(1))] = match.group(2)
+                pins[canonicalize_name(match.group(1))] = match.group(2)
     return pins
 
 
@@ -56,14 +55,14 @@ def version_drift(root: Path = ROOT, packages: tuple[str, ...] = CHECKED) -> lis
     locked = locked_versions(root)
     drift = []
     for package in packages:
-        want = locked.get(_normalise(package))
+        want = locked.get(canonicalize_name(package))
         if want is None:
             continue
         try:
             have = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             have = "not installed"
-        if _public(have) != _public(want):
+        if have == "not installed" or _public(have) != _public(want):
             drift.append(f"{package} {have} (lock: {want})")
     return drift
 
