@@ -11,6 +11,8 @@ Schema (top-level keys; documented in docs/records.md):
     seed            int
     metrics         dict    final flat metrics, e.g. {"qa_f1": 0.61, "exact_match": 0.4, "contains": 0.7}
     metric_protocols dict   how each metric was computed, e.g. {"qa_f1": "generate/squad-token-f1"}
+    method_deviations dict  knobs set off the method's reference implementation: {knob: "value (reference: r)"};
+                            also appended to every metric protocol (`Method.reference`, docs/adding_a_method.md)
     metric_uncertainty dict  per metric that is a mean over independent units: {"se", "ci95", "n_units", "unit"}
     steps           list    per injection step: {"index", "label", "metrics", "inject_seconds", "eval_seconds"}
     task_report     dict    structured results from the task beyond flat metrics (e.g. a retention matrix)
@@ -95,6 +97,7 @@ class RunRecord:
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     metric_protocols: dict[str, str] = field(default_factory=dict)
+    method_deviations: dict[str, str] = field(default_factory=dict)
     metric_uncertainty: dict[str, dict[str, Any]] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     task_report: dict[str, Any] = field(default_factory=dict)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from core.lm import LM
 from core.types import Answer, GenerationSpec, Knowledge, Query, TargetScore
@@ -32,8 +32,22 @@ class Method:
 
     name = "method"
 
+    #: knob -> its value in the method's reference implementation (the paper's code). Every knob set
+    #: otherwise is a deviation: `reference_deviations` lists it and the runner appends it to every
+    #: metric's protocol, so a table never mixes a method with a variant of it silently.
+    reference: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, lm: LM) -> None:
         self.lm = lm
+
+    def reference_deviations(self) -> dict[str, str]:
+        """`{knob: "value (reference: r)"}` for every knob of `reference` whose value differs, read from
+        `self.<knob>` (override when a knob lives elsewhere). Empty for a method run as its reference."""
+        return {
+            knob: f"{getattr(self, knob)!r} (reference: {ref!r})"
+            for knob, ref in self.reference.items()
+            if getattr(self, knob) != ref
+        }
 
     def prepare(self, training_knowledge: Sequence[Knowledge]) -> None:
         """Train once before any injection on the task's held-out split (`Task.training_knowledge`).

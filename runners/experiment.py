@@ -160,7 +160,8 @@ class Experiment:
             self._checkpoint(method, steps, position)
             self._log_step(record.steps[-1])
 
-        final = final_results(task, all_results, self.output_dir)
+        record.method_deviations = method.reference_deviations()
+        final = final_results(task, all_results, self.output_dir, record.method_deviations)
         record.metrics, record.metric_protocols = final["metrics"], final["metric_protocols"]
         record.metric_uncertainty = final["metric_uncertainty"]
         record.task_report = final["task_report"]

@@ -160,6 +160,7 @@ def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:
             "traceback": (record.get("method_info") or {}).get("traceback"),
             "inject_s": (record.get("timings") or {}).get("inject"),
             "extra_storage_bytes": record.get("extra_storage_bytes"),
+            "deviations": ", ".join(f"{k}={v}" for k, v in sorted((record.get("method_deviations") or {}).items())),
             **{f"metric/{k}": _number(v) for k, v in (record.get("metrics") or {}).items()},
             **_uncertainty_columns(record),
             **{f"cost/{k}": v for k, v in (record.get("cost") or {}).items() if k in COST_COLUMNS},
@@ -535,9 +536,13 @@ def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] 
               "(docs/records.md#uncertainty); `sd` = std over seeds where no record holds an SE")
     if baseline:
         legend += f"; * = differs from {baseline} in a paired test on shared probes, p < 0.05 in every seed"
+    deviating = done[done["deviations"].astype(bool)] if "deviations" in done else done.iloc[:0]
+    for (method, variant), runs_of in deviating.groupby(["method", "variant"], sort=True):
+        label = " ".join(filter(None, [method, variant]))
+        legend += f"\n\n{label}: deviates from its reference: " + " | ".join(sorted(set(runs_of["deviations"])))
     problems = problems_text(frame, runs, fmt)
     if fmt == "latex":  # comment lines under the tables, with the failures
-        problems.insert(0, f"% {legend}")
+        problems.insert(0, "\n".join(f"% {line}" for line in legend.splitlines() if line))
     else:
         blocks.append(legend)
     return "\n\n".join(blocks) + "\n" + ("\n" + "\n".join(problems) + "\n" if problems else "")

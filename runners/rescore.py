@@ -169,7 +169,7 @@ def rescore(path: str | Path, overrides: Sequence[str] = (), out: str | Path | N
     steps = [old_steps.get(step.index, {"index": step.index, "label": step.label})
              | {"metrics": task.step_metrics(by_step[step.index])} for step in task.steps()]
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused rescoring leaves nothing behind
-    final = final_results(task, results, output_dir)
+    final = final_results(task, results, output_dir, original.get("method_deviations"))
     record = original | final | {
         "config": OmegaConf.to_container(cfg, resolve=True),
         "run_id": run_identity(cfg),

@@ -65,13 +65,19 @@ def metric_uncertainty(task: Task, results: Sequence[ProbeResult], metrics: dict
     return out
 
 
-def final_results(task: Task, results: Sequence[ProbeResult], output_dir: Path) -> dict[str, Any]:
+def final_results(task: Task, results: Sequence[ProbeResult], output_dir: Path,
+                  method_deviations: dict[str, str] | None = None) -> dict[str, Any]:
     """The record's `metrics`, `metric_protocols`, `metric_uncertainty` and `task_report` from every probe
-    result of a run."""
+    result of a run. `method_deviations` (`Method.reference_deviations`) are appended to every metric's
+    protocol: a method run with knobs off its reference is a different protocol."""
     metrics = task.summarize(results)
+    protocols = task.metric_protocols()
+    if method_deviations:
+        tail = "; method deviates from its reference: " + ", ".join(f"{k}={v}" for k, v in sorted(method_deviations.items()))
+        protocols = {name: protocol + tail for name, protocol in protocols.items()}
     return {
         "metrics": metrics,
-        "metric_protocols": task.metric_protocols(),
+        "metric_protocols": protocols,
         "metric_uncertainty": metric_uncertainty(task, results, metrics),
         "task_report": task.report(results, output_dir),
     }

@@ -360,3 +360,45 @@ def test_plot_draws_editing_scores_along_the_stream(tmp_path):
     written = report.plot([tmp_path], tmp_path / "plots")
     assert tmp_path / "plots" / "stream_editing.png" in written
     assert matplotlib.image.imread(tmp_path / "plots" / "stream_editing.png").shape[1] < 2000
+
+
+def test_a_method_off_its_reference_is_named_in_the_protocols_and_under_the_table(tmp_path):
+    from methods.base import Method
+    from runners.results import final_results
+
+    class Editor(Method):
+        reference = {"lr": 1.0, "epochs": 30}
+
+        def __init__(self, lr: float, epochs: int) -> None:
+            self.lr, self.epochs = lr, epochs
+
+    assert Editor(1.0, 30).reference_deviations() == {}
+    deviations = Editor(0.5, 30).reference_deviations()
+    assert deviations == {"lr": "0.5 (reference: 1.0)"}
+
+    class OneMetric:
+        def summarize(self, results):
+            return {"qa_f1": 0.5}
+
+        def metric_protocols(self):
+            return {"qa_f1": "generate/squad-token-f1"}
+
+        def metric_samples(self, results):
+            return {}
+
+        def report(self, results, output_dir):
+            return {}
+
+    final = final_results(OneMetric(), [], tmp_path, deviations)
+    assert final["metric_protocols"]["qa_f1"] == (
+        "generate/squad-token-f1; method deviates from its reference: lr=0.5 (reference: 1.0)")
+    assert final_results(OneMetric(), [], tmp_path)["metric_protocols"]["qa_f1"] == "generate/squad-token-f1"
+
+    write_run(tmp_path / "a", "memoir", 0, {"qa_f1": 0.5})
+    write_run(tmp_path / "b", "memoir", 0, {"qa_f1": 0.4}, knobs={"lr": 0.5})
+    record_path = tmp_path / "b" / "record.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(record | {"method_deviations": deviations}))
+    text = report.render([tmp_path])
+    assert "memoir method.lr=0.5: deviates from its reference: lr=0.5 (reference: 1.0)" in text
+    assert text.count("deviates from its reference") == 1
