@@ -85,7 +85,14 @@ class Method:
         return 0
 
     def info(self) -> dict[str, Any]:
-        """Facts about the method's state worth recording (e.g. whether an adapter was merged)."""
+        """Facts about the method's state worth recording (e.g. whether an adapter was merged). Called
+        after every step (divergence checks): keep it cheap; heavier diagnostics go in `report`."""
+        return {}
+
+    def report(self, output_dir: Path) -> dict[str, Any]:
+        """Diagnostics of the finished run written beside its record (plots, per-probe numbers), once
+        after the last step; returns what to record (`method_info.report`, with the file names under
+        `files`). Default: nothing."""
         return {}
 
     # ------------------------------------------------------------------ resumable runs (optional)

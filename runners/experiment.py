@@ -166,6 +166,9 @@ class Experiment:
         record.metric_uncertainty = final["metric_uncertainty"]
         record.task_report = final["task_report"]
         record.method_info |= method.info()
+        method_report = method.report(self.output_dir)
+        if method_report:
+            record.method_info["report"] = method_report
         record.cost = self._costs(method)
         if record.diverged is None and _all_empty(all_results) and record.method_info.get("final_train_loss") is not None:
             record.diverged = {"reason": "every generated answer is empty after training", "step": None}
