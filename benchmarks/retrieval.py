@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.io import cache_dir, stable_hash  # noqa: E402
 from core.progress import progress  # noqa: E402
-from methods.retrievers import (  # noqa: E402
-    DenseIndex, RankBm25Index, SentenceEncoder, SparseBm25Index, WordTokenizer,
-)
+from methods.retrieval.bm25 import RankBm25Index, SparseBm25Index  # noqa: E402
+from methods.retrieval.dense import DenseIndex  # noqa: E402
+from methods.retrieval.encoders import SentenceEncoder  # noqa: E402
+from methods.retrieval.tokenizer import WordTokenizer  # noqa: E402
 from tasks.synthetic import generate_items  # noqa: E402
 
 ENCODER = "embedded:all-minilm-l6-v2"

@@ -16,7 +16,7 @@ The retrieval query is the task's formatted prompt (`Query.prompt`); `score` (lo
 retrieves the same way. Each answer's meta lists the retrieved passage ids, their knowledge ids and
 scores (predictions.jsonl `method_meta`), from which the task reports `retrieval_recall@1`. With an
 empty store the model answers without passages, and `info()` counts how often that happened.
-Index machinery: `methods/retrievers.py`. Storage: the passages' text plus the index, measured.
+Index machinery: `methods/retrieval/` (chunking, tokenizer, bm25, encoders, dense). Storage: the passages' text plus the index, measured.
 """
 from __future__ import annotations
 
@@ -35,7 +35,11 @@ from core.types import (
     Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveInt, Query, TargetScore, UnitFloat,
 )
 from methods.base import Method
-from methods.retrievers import DenseIndex, DprEncoder, SentenceEncoder, WordTokenizer, bm25_index, chunk_spans
+from methods.retrieval.bm25 import bm25_index
+from methods.retrieval.chunking import chunk_spans
+from methods.retrieval.dense import DenseIndex
+from methods.retrieval.encoders import DprEncoder, SentenceEncoder
+from methods.retrieval.tokenizer import WordTokenizer
 from metrics.retrieval import RETRIEVED_KNOWLEDGE_IDS
 
 log = logging.getLogger(__name__)

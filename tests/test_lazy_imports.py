@@ -54,8 +54,13 @@ BLOCKER = textwrap.dedent(
 
 def _modules() -> list[str]:
     names = ["run"]
-    for package in ("core", "methods", "tasks", "metrics", "runners"):
-        names += [f"{package}.{p.stem}" for p in sorted((ROOT / package).glob("*.py")) if p.stem != "__init__"]
+    for package in ("core", "methods", "tasks", "metrics", "runners"):  # subpackages too (methods/retrieval/)
+        for path in sorted((ROOT / package).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            if parts[-1] != "__main__" and parts != (package,):
+                names.append(".".join(parts))
     return names
 
 
@@ -119,7 +124,7 @@ def test_dense_flat_search_works_without_faiss(monkeypatch, tmp_path):
     import numpy as np
 
     from core.types import KBenchError
-    from methods.retrievers import DenseIndex
+    from methods.retrieval.dense import DenseIndex
 
     rng = np.random.default_rng(0)
     stored, queries = rng.normal(size=(50, 8)).astype(np.float32), rng.normal(size=(70, 8)).astype(np.float32)

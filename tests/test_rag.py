@@ -9,7 +9,11 @@ import pytest
 
 from core.types import GenerationSpec, KBenchError, Knowledge, Query
 from methods.rag import RagBm25, RagDense
-from methods.retrievers import DenseIndex, RankBm25Index, SparseBm25Index, WordTokenizer, chunk_spans, top_k
+from methods.retrieval.bm25 import RankBm25Index, SparseBm25Index
+from methods.retrieval.chunking import chunk_spans
+from methods.retrieval.dense import DenseIndex
+from methods.retrieval.tokenizer import WordTokenizer
+from methods.retrieval.topk import top_k
 from metrics.retrieval import recall_at_k
 from runners.build import ConfigError, build
 from runners.experiment import Experiment
