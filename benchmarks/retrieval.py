@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from core.io import cache_dir, stable_hash  # noqa: E402
+from core.io import atomic_write, cache_dir, stable_hash  # noqa: E402
 from core.progress import progress  # noqa: E402
 from methods.retrieval.bm25 import RankBm25Index, SparseBm25Index  # noqa: E402
 from methods.retrieval.dense import DenseIndex  # noqa: E402
@@ -60,9 +60,8 @@ def embeddings(encoder: SentenceEncoder, passages: list[str], key: dict) -> tupl
     started = time.perf_counter()
     vectors = encoder.encode_passages(passages)
     seconds = time.perf_counter() - started
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, vectors)
-    os.replace(tmp, path)
+    with atomic_write(path, suffix=".npy") as tmp:  # np.save adds .npy to a name without it
+        np.save(tmp, vectors)
     return vectors, seconds
 
 

@@ -2,10 +2,12 @@
 the fingerprints of the files a run reads (its non-config inputs)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -182,24 +184,59 @@ def default_modes(root: str | Path) -> None:
             path.chmod(wanted)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temp file in the same directory and rename, so readers never see half a file.
+@contextlib.contextmanager
+def atomic_write(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write the file at; when the block ends without an error,
+    it is synced and renamed onto `path`, so readers never see half a file (on an error it is removed).
 
-    mkstemp makes its file 0600; the file gets the mode `open()` would give it (0666 minus the umask),
-    so a record is as readable as every other file of its run folder (colleagues on a cluster)."""
+    The temporary file is made by mkstemp (a unique name: two writers never share it), which makes it
+    0600; it gets the mode `open()` would give it (0666 minus the umask), so a record or a cached file is
+    as readable as every other file (colleagues on a cluster). `suffix` ends the temporary name (writers
+    such as `np.save` insist on their own)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    tmp = Path(name)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        os.close(fd)
+        yield tmp
+        default_modes(tmp)  # a writer that recreated the file (safetensors: 0600) gets the default mode back
+        with tmp.open("rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder beside `path` to fill; when the block ends without an error, the folder
+    replaces `path` whole (an older `path` is moved aside, then deleted), so a reader sees the old folder or
+    the new one, never a mix. On an error the staging folder is deleted and `path` is left as it was.
+    The folder and its files get the modes `open()` / `mkdir()` would give them (`default_modes`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield staging
+        default_modes(staging)  # mkdtemp's 0700 and safetensors' 0600: a shared folder must be readable
+        retired = None
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old")) / path.name
+            path.rename(retired)
+        staging.rename(path)
+        if retired is not None:
+            shutil.rmtree(retired.parent, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` as UTF-8 through `atomic_write`."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------- strict JSON (RFC 8259)

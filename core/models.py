@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import shutil
 import socket
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,7 +20,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from core.io import cache_dir, default_modes, note_input, stable_hash
+from core.io import atomic_dir, cache_dir, note_input, stable_hash
 from core.lm import LM
 from core.progress import heartbeat
 from core.types import KBenchError, PositiveInt
@@ -76,14 +74,9 @@ def materialise_embedded(name: str) -> Path:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(quantised.state_dict())
         model.generation_config = quantised.generation_config
-        staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-        try:
+        with atomic_dir(folder) as staging:  # readable by colleagues sharing the cache (default modes)
             model.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
-            default_modes(staging)  # mkdtemp's 0700 and safetensors' 0600: a shared cache must be readable
-            os.replace(staging, folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -15,7 +15,6 @@ seed, recipe, context template), never `device`, `batch_size` or `max_length`.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import torch
 from filelock import FileLock
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from core.io import cache_dir, stable_hash
+from core.io import atomic_write, cache_dir, stable_hash
 from core.lm import LM
 from core.types import KBenchError, NonNegativeInt, PositiveInt
 
@@ -247,9 +246,8 @@ IGNORED_CONFIG = ("max_position_embeddings", "transformers_version", "architectu
 def save_weights(model: PreTrainedModel, path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    staging = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, staging, metadata)
-    os.replace(staging, path)
+    with atomic_write(path) as staging:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}, staging, metadata)
 
 
 def load_weights(model: PreTrainedModel, path: Path) -> None:

@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from core.io import atomic_write_json, read_json
+from core.io import atomic_dir, atomic_write_json, read_json
 from core.options import checked
 from core.types import (
     Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveInt, Query, TargetScore, UnitFloat,
@@ -204,20 +202,11 @@ class RagMethod(Method):
     # ------------------------------------------------------------------ save / load
     def save(self, folder: str | Path) -> None:
         """Write the store (passages.jsonl, the index, store.json) into `folder`, replacing it whole."""
-        folder = Path(folder).expanduser()
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        (staging / "passages.jsonl").write_text("".join(p.json_line() for p in self.passages), encoding="utf-8")
-        self.save_index(staging)
-        atomic_write_json(staging / "store.json", {"format": STORE_FORMAT, "method": self.name,
-                                                   "n_passages": len(self.passages), **self.store_description()})
-        retired = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        if folder.exists():
-            folder.rename(retired)
-        staging.rename(folder)
-        shutil.rmtree(retired, ignore_errors=True)
+        with atomic_dir(Path(folder).expanduser()) as staging:
+            (staging / "passages.jsonl").write_text("".join(p.json_line() for p in self.passages), encoding="utf-8")
+            self.save_index(staging)
+            atomic_write_json(staging / "store.json", {"format": STORE_FORMAT, "method": self.name,
+                                                       "n_passages": len(self.passages), **self.store_description()})
 
     def load(self, folder: str | Path) -> None:
         """Replace the store with one written by `save` (with the same tokeniser / encoder)."""
