@@ -29,9 +29,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from core.io import atomic_write_json, read_json, read_jsonl, stable_hash, write_jsonl
+from core.io import atomic_write_json, read_json, read_jsonl_numbered, stable_hash, write_jsonl
+from core.predictions import output_of
 from core.records import PREDICTIONS_FILE, RECORD_FILE, SCHEMA_VERSION, git_commit, utc_now
-from core.types import Answer, KBenchError, TargetScore
+from core.types import KBenchError
 from runners.build import build
 from runners.results import final_results, run_identity, score_probe_set
 from tasks.base import ProbeResult, Task
@@ -81,27 +82,11 @@ def apply_overrides(config: dict[str, Any], overrides: Sequence[str]) -> DictCon
     return cfg
 
 
-def output_of(row: dict[str, Any], where: str) -> Answer | TargetScore:
-    """The method output a predictions row was written from (`ProbeResult.to_row`)."""
-    if "prediction" in row:
-        return Answer(text=row["prediction"], meta=row.get("method_meta") or {})
-    if "target_logprob" in row:
-        if "target_token_accuracy" not in row:
-            raise RescoreError(f"{where}: a log-likelihood prediction without target_token_accuracy (written by an "
-                               "older kbench); it cannot be rebuilt exactly")
-        # float(): a non-finite value is written as "-Infinity" / "NaN" (strict JSON, docs/records.md)
-        return TargetScore(logprob=float(row["target_logprob"]), n_tokens=row["target_tokens"],
-                           token_accuracy=float(row["target_token_accuracy"]),
-                           predicted_ids=tuple(row.get("target_predicted_ids") or ()))
-    raise RescoreError(f"{where}: neither 'prediction' nor 'target_logprob': not a kbench predictions line")
-
-
 def index_predictions(path: Path) -> dict[Key, tuple[dict[str, Any], str]]:
     """Rows keyed by (step, probe_set, probe_id), each with its file:line for error messages."""
     rows: dict[Key, tuple[dict[str, Any], str]] = {}
     fields = ("step", "probe_set", "probe_id", "prompt")
-    for line_no, row in enumerate(read_jsonl(path, required=fields, expected_format="kbench predictions.jsonl"), 1):
-        where = f"{path}:{line_no}"  # blank lines are skipped by read_jsonl; kbench writes none
+    for where, row in read_jsonl_numbered(path, required=fields, expected_format="kbench predictions.jsonl"):
         key = (int(row["step"]), str(row["probe_set"]), str(row["probe_id"]))
         if key in rows:
             raise RescoreError(f"{where}: duplicate prediction for step {key[0]}, probe set {key[1]!r}, probe "

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from core.io import atomic_write_json, default_modes, file_digest
+from core.predictions import output_of  # a predictions line -> the method output, as offline rescoring does
 from core.records import PREDICTIONS_FILE, RECORD_FILE
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
-from runners.rescore import output_of  # a predictions line -> the method output, as offline rescoring does
 from runners.results import score_probe_set
 from tasks.base import ProbeResult, Task
 
@@ -170,10 +170,6 @@ class Checkpoint:
     directory: Path
     steps_done: int  # steps 0 .. steps_done-1 are complete (positions in `Task.steps()`)
     method_state: Path | None  # the method's saved state, when the next step does not reset
-
-    @property
-    def needs_method_state(self) -> bool:
-        return self.method_state is not None
 
 
 def write_checkpoint(output_dir: Path, run_id: str, steps_done: int, method: Any, with_state: bool) -> Checkpoint | None:

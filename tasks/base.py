@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.predictions import prediction_row
 from core.types import Answer, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa, retrieval
 
@@ -24,34 +25,10 @@ class ProbeResult:
     probe: Probe
     output: Answer | TargetScore
     metrics: dict[str, float]
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_row(self) -> dict[str, Any]:
-        """The line written to predictions.jsonl."""
-        row: dict[str, Any] = {
-            "step": self.step,
-            "probe_set": self.probe_set,
-            "probe_id": self.probe.query.id,
-            "knowledge_id": self.probe.knowledge_id,
-            "prompt": self.probe.query.prompt,
-            "gold": list(self.probe.answers),
-            "metrics": self.metrics,
-        }
-        if isinstance(self.output, Answer):
-            row["prediction"] = self.output.text
-            if self.output.meta:
-                row["method_meta"] = self.output.meta
-        else:
-            row["target_logprob"] = self.output.logprob
-            row["target_tokens"] = self.output.n_tokens
-            # every field of the TargetScore, so `runners.rescore` can rebuild it without the model
-            row["target_token_accuracy"] = self.output.token_accuracy
-            row["target_predicted_ids"] = list(self.output.predicted_ids)
-            if self.output.meta:
-                row["method_meta"] = self.output.meta
-        if self.probe.meta:
-            row["probe_meta"] = self.probe.meta
-        return row | self.extra
+        """The line written to predictions.jsonl (`core.predictions.prediction_row`)."""
+        return prediction_row(self.step, self.probe_set, self.probe, self.output, self.metrics)
 
 
 @dataclass

@@ -10,7 +10,8 @@ import pytest
 
 from core.types import Answer, Probe, Query, TargetScore
 from runners.experiment import Experiment
-from runners.rescore import RescoreError, output_of, rescore
+from core.predictions import PredictionError, output_of
+from runners.rescore import RescoreError, rescore
 from tasks.base import ProbeResult
 from tests.conftest import ROOT, compose_config, read_record
 from tests.test_sequential import copy_data
@@ -137,7 +138,7 @@ def test_log_likelihood_rows_rebuild_the_target_score():
     assert output_of(row, "here") == score
     answer = Answer("Paris", meta={"retrieved": ["k1"]})
     assert output_of(json.loads(json.dumps(ProbeResult(0, "qa", probe, answer, {}).to_row())), "here") == answer
-    with pytest.raises(RescoreError, match="here: .*without target_token_accuracy"):
+    with pytest.raises(PredictionError, match="here: .*without target_token_accuracy"):
         output_of({k: v for k, v in row.items() if k != "target_token_accuracy"}, "here")
 
 

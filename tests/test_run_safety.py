@@ -336,7 +336,7 @@ def test_the_report_reads_non_finite_metrics_back_as_numbers(tmp_path):
 
 def test_a_predictions_line_with_an_infinite_logprob_is_read_back_for_resume_and_rescoring():
     from core.io import to_json
-    from runners.rescore import output_of
+    from core.predictions import output_of
 
     row = strict(to_json({"target_logprob": float("-inf"), "target_tokens": 2, "target_token_accuracy": 0.5}))
     assert row["target_logprob"] == "-Infinity" and output_of(row, "here").logprob == -math.inf
