@@ -34,6 +34,8 @@ import numpy as np
 from rapidfuzz import process
 from rapidfuzz.distance import Levenshtein
 
+from metrics.uncertainty import mean_se
+
 PARSERS = ("he2023", "robust")
 CONDITIONS = ("recommendation", "discussion", "all")
 METRIC_FAMILIES = ("recall", "ndcg", "mrr")
@@ -213,18 +215,6 @@ def condition_of(gold: str, seen: Iterable[str]) -> str:
 def metric_names(ks: Sequence[int] = DEFAULT_KS) -> list[str]:
     """Names in the reference's column order: for each k, recall, ndcg, mrr."""
     return [f"{family}@{k}" for k in ks for family in METRIC_FAMILIES]
-
-
-def mean_se(values: Sequence[float]) -> dict[str, float | int | None]:
-    """Mean and standard error of the mean (ddof 1); None where undefined (n = 0, or n = 1 for se)."""
-    n = len(values)
-    if n == 0:
-        return {"mean": None, "se": None, "n": 0}
-    mean = math.fsum(values) / n
-    if n == 1:
-        return {"mean": mean, "se": None, "n": 1}
-    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
-    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ plain bootstrap of the mean. scipy.stats does the resampling (`bootstrap`, `perm
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 DEFAULT_RESAMPLES = 2000
 BATCH = 250  # resamples drawn at once: 2000 x 10,000 units at once held ~450 MB; a batch of 250 holds an eighth
@@ -46,6 +46,20 @@ class PairedDifference:
     p_value: float
     n_units: int
     n_probes: int
+
+
+def mean_se(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Mean and standard error of the mean (sample std with ddof 1 / sqrt(n), as pandas `sem`); None where
+    undefined (n = 0, or n = 1 for se). The one SEM of kbench: CRS tables, sequential summaries over
+    sequences, the report's spread over seeds."""
+    n = len(values)
+    if n == 0:
+        return {"mean": None, "se": None, "n": 0}
+    mean = math.fsum(values) / n
+    if n == 1:
+        return {"mean": mean, "se": None, "n": 1}
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return {"mean": mean, "se": math.sqrt(variance / n), "n": n}
 
 
 def _by_unit(values: Sequence[float], units: Sequence[Hashable] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +96,8 @@ def bootstrap_mean(
     unit_means = sums / counts
     if len(sums) < 2 or np.all(unit_means == unit_means[0]):
         return Interval(mean, 0.0, mean, mean, len(sums))
+    from scipy import stats  # here, not at import: `mean_se` alone (ranking, rescore_crs) needs no scipy
+
     result = stats.bootstrap(
         (sums, counts), _ratio, paired=True, vectorized=True, n_resamples=n_resamples,
         confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed), batch=BATCH,
@@ -116,6 +132,8 @@ def paired_difference(
     # the permutation flips the sign of each unit's difference (swapping A and B on that unit), weighting
     # units by their probe counts so the statistic is the micro-average difference
     weighted = unit_difference * counts
+    from scipy import stats
+
     test = stats.permutation_test(
         (weighted,), lambda d, axis=-1: d.sum(axis) / counts.sum(), permutation_type="samples",
         n_resamples=n_resamples, alternative="two-sided", vectorized=True, random_state=rng,

@@ -46,6 +46,7 @@ from core.options import checked
 from core.types import PositiveInt
 from core.types import Answer, DataError, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa, retention
+from metrics.uncertainty import mean_se
 from tasks.base import ProbeResult, Task
 from tasks.context_qa import ContextQATask, QAItem
 from tasks.probes import SideEffectProbes
@@ -219,7 +220,7 @@ class SequentialTask(Task):
         sequences = self.sequences()
         summaries = self._summaries(results)
         standard_errors = {  # over sequences; none with a single sequence
-            f"{key}_{self.metric}": _standard_error(summaries[key]) for key in self.summary_keys
+            f"{key}_{self.metric}": mean_se(summaries[key])["se"] for key in self.summary_keys
         }
         plot = output_dir / PLOT_FILE
         plot_retention(mean, plot, metric=self.metric, n_sequences=len(matrices))
@@ -255,10 +256,6 @@ class SequentialTask(Task):
             "probe_unseen": self.probe_unseen,
             "metric": self.metric,
         } | ({"side_effects": self.side_effects.describe()} if self.side_effects.any else {})
-
-
-def _standard_error(values: list[float]) -> float | None:
-    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
 
 
 def _json_list(values: np.ndarray) -> list[float | None]:
