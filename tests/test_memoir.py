@@ -1,4 +1,6 @@
-"""MEMOIR-style sparse residual memory on hand-made activations and the tiny real model."""
+"""MEMOIR sparse residual memory on hand-made activations and the tiny real model."""
+import json
+
 import pytest
 import torch
 
@@ -13,9 +15,22 @@ OTHER = Knowledge(id="e1", context="The copper clocks are old",
                   meta={"prompt": " The copper clocks", "target": " are old"})
 
 
+LOCALITY = Knowledge(id="t0", context="c", meta={
+    "prompt": " Orvane glass comes from", "target": " Velmora",
+    "locality_prompts": [" The copper clocks of the river", " A quiet town"], "locality_answers": ["ring", "sleeps"]})
+PREVIOUS = dict(augment_lengths=[], unrelated_in_batch=False, background_source="edit_prompts",
+                weight_decay_scope="columns", include_start_tokens=False, stop_flat=None)
+
+
 def memoir(lm, **knobs) -> MemoirMethod:
     settings = dict(layer=-1, iterations=8, lr=1.0, background_source="model", n_background=8, background_tokens=8) | knobs
     return MemoirMethod(lm, **settings)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tiny_lm, tmp_path, monkeypatch):
+    """Augmentation prefixes are cached under $KBENCH_CACHE: each test gets its own (after the model is built)."""
+    monkeypatch.setenv("KBENCH_CACHE", str(tmp_path / "cache"))
 
 
 def test_mask_is_the_permuted_top_k_of_the_decentred_activation():
@@ -74,7 +89,7 @@ def test_a_batch_mixes_routed_and_unrouted_rows_exactly_as_one_by_one(tiny_lm):
 
 
 def test_an_edit_trains_only_its_mask_columns_and_lowers_its_loss(tiny_lm):
-    method = memoir(tiny_lm)
+    method = memoir(tiny_lm, weight_decay_scope="columns")
     method.inject([EDIT])
     first = method.memory.weight.clone()
     mask0 = method.masks[0]
@@ -89,6 +104,68 @@ def test_an_edit_trains_only_its_mask_columns_and_lowers_its_loss(tiny_lm):
     assert method.edit_ids == ["e0", "e1"]
     expected = method.memory.weight.numel() * 4 + 2 * method.dim + method.dim * 8 + method.dim * 4
     assert method.extra_storage_bytes() == expected
+
+
+@pytest.mark.parametrize("scope", ["memory", "columns"])
+def test_weight_decay_reaches_the_whole_memory_like_the_reference_sgd(tiny_lm, scope):
+    # stop_loss=0: no early stop, so every iteration is one SGD step
+    method = memoir(tiny_lm, weight_decay=0.01, weight_decay_scope=scope, stop_loss=0.0, iterations=4, augment_lengths=[])
+    method.inject([EDIT])
+    first = method.memory.weight.clone()
+    method.inject([OTHER])
+    untouched = ~method.masks[1]
+    assert first[:, untouched].abs().sum() > 0  # the first edit's columns outside the second's mask
+    factor = (1.0 - 1.0 * 0.01) ** 4 if scope == "memory" else 1.0  # the reference: W <- W - lr * wd * W each step
+    assert torch.allclose(method.memory.weight[:, untouched], first[:, untouched] * factor, rtol=1e-6, atol=0)
+
+
+def test_the_training_batch_is_the_edit_its_augmented_prefixes_and_one_unrelated_text(tiny_lm, tmp_path):
+    method = memoir(tiny_lm)
+    method.prepare([])
+    prefixes = method.augment_prefixes()
+    assert len(prefixes) == 10  # [[5, 5], [10, 5]]: one continuation of each of 5 start words, per length
+    starts = ["I", "You", "Because", "Yes", "Q:"]  # the decoded text keeps its start word, as the reference's
+    assert all(p.startswith(w) for p, w in zip(prefixes, starts * 2))
+    for short, long in zip(prefixes[:5], prefixes[5:]):  # 5 then 10 new tokens after the start word
+        assert len(tiny_lm.encode(short)) <= len(tiny_lm.encode(long)) <= len(tiny_lm.encode(short)) + 6
+    rows, n_loss = method.training_rows(EDIT.meta["prompt"], EDIT.meta["target"], position=3)
+    target = tiny_lm.encode(EDIT.meta["target"] + "\n")
+    assert len(rows) == 12 and n_loss == 11
+    assert rows[0] == (tiny_lm.prompt_ids(EDIT.meta["prompt"]), target)
+    assert rows[1:11] == [(tiny_lm.prompt_ids(f"{p} {EDIT.meta['prompt']}"), target) for p in prefixes]
+    unrelated = method.text_ids(method.unrelated_texts[3 % len(method.unrelated_texts)])
+    assert rows[11][0] + rows[11][1] == unrelated
+    # cached on disk and read back by the next method, which generates nothing
+    cached = list((tmp_path / "cache" / "memoir").glob("prefixes-*.json"))
+    assert len(cached) == 1 and json.loads(cached[0].read_text()) == prefixes
+    again = memoir(tiny_lm)
+    again.lm.model.generate = lambda *a, **k: pytest.fail("the cached prefixes must be read, not generated")
+    assert again.augment_prefixes() == prefixes
+    del again.lm.model.generate
+    bare, n_bare = memoir(tiny_lm, augment_lengths=[], unrelated_in_batch=False).training_rows(
+        EDIT.meta["prompt"], EDIT.meta["target"], 0)
+    assert (len(bare), n_bare) == (1, 1)  # the previous behaviour: the bare prompt alone
+
+
+def test_the_unrelated_row_carries_no_loss(tiny_lm):
+    weights = []
+    for unrelated in (True, False):
+        method = memoir(tiny_lm, unrelated_in_batch=unrelated, iterations=3)
+        method.prepare([])
+        method.inject([EDIT])
+        weights.append(method.memory.weight.clone())
+        assert method.info()["training_batch_rows"] == (12 if unrelated else 11)
+    assert torch.allclose(weights[0], weights[1], atol=1e-5)
+
+
+def test_stop_rule_is_the_reference_early_stop_meter(tiny_lm):
+    method = memoir(tiny_lm)  # stop_loss 0.02, stop_flat 1e-4: the previous loss low and flat
+    assert not method._stop([0.5, 0.01])
+    assert not method._stop([0.5, 0.01, 0.001])  # previous 0.01 but 0.49 below the one before
+    assert method._stop([0.01, 0.01005, 0.3])  # decided on the previous two, whatever the current
+    assert not method._stop([0.03, 0.03, 0.0])
+    previous = memoir(tiny_lm, stop_flat=None)
+    assert previous._stop([0.5, 0.01]) and not previous._stop([0.01, 0.5])
 
 
 def test_reset_forgets_every_edit(tiny_lm):
@@ -115,15 +192,66 @@ def test_qa_sentences_become_prompt_target_pairs_and_bad_knowledge_is_refused(ti
     with pytest.raises(ValueError, match="out of range"):
         memoir(tiny_lm, layer=7)
     with pytest.raises(KBenchError, match="needs a task with a training split"):
-        memoir(tiny_lm, background_source="training").prepare([])
+        memoir(tiny_lm, background_source="edit_prompts").prepare([])
 
 
-def test_background_from_the_training_split(tiny_lm):
-    method = memoir(tiny_lm, background_source="auto", n_background=2)
-    method.prepare([EDIT, OTHER, EDIT])
-    assert method.background_used == "training (2 prompts)"
-    expected = method.prompt_features([EDIT.meta["prompt"], OTHER.meta["prompt"]]).mean(0)
+def test_background_mean_comes_from_unrelated_locality_texts_not_edit_prompts(tiny_lm):
+    method = memoir(tiny_lm, background_source="auto", n_background=3)
+    method.prepare([LOCALITY, EDIT, LOCALITY])
+    texts = [" The copper clocks of the river ring", " A quiet town sleeps", " The copper clocks of the river ring"]
+    assert method.background_source == "locality" and method.background_used == "locality (3 texts)"
+    assert method.unrelated_texts == texts
+    bos = tiny_lm.start_ids
+    expected = method.features_of([bos + tiny_lm.encode(t) for t in texts]).mean(0)
     assert torch.allclose(method.background_mean, expected)
+    edit_prompts = method.prompt_features([LOCALITY.meta["prompt"], EDIT.meta["prompt"]]).mean(0)
+    assert not torch.allclose(method.background_mean, edit_prompts, atol=1e-3)
+    previous = memoir(tiny_lm, background_source="edit_prompts")
+    previous.prepare([LOCALITY, EDIT])
+    assert torch.allclose(previous.background_mean, edit_prompts)
+    with pytest.raises(KBenchError, match="carries locality prompts"):
+        memoir(tiny_lm, background_source="locality").prepare([EDIT])
+
+
+def test_background_from_general_text_is_detokenised_without_unk_sentences(tiny_lm, tmp_path):
+    wiki = tmp_path / "wiki.txt"
+    wiki.write_text(" = Velmora = \n"
+                    " The town of Velmora lies on the river , north of the old mill @-@ race . "
+                    "Its mayor was <unk> for twelve long years in a row . "
+                    "The copper clocks ( all of them ) ring every hour of the day .\n", encoding="utf-8")
+    method = memoir(tiny_lm, background_source="auto", general_text=str(wiki))
+    method.prepare([EDIT])  # no locality prompts: auto falls back to the general text
+    assert method.background_source == "general_text"
+    assert sorted(method.unrelated_texts) == sorted([
+        "The town of Velmora lies on the river, north of the old mill-race.",
+        "The copper clocks (all of them) ring every hour of the day."])
+    with pytest.raises(KBenchError, match="no text read"):
+        memoir(tiny_lm, background_source="general_text", general_text=str(tmp_path / "missing.txt")).prepare([])
+
+
+def test_prompt_mean_includes_the_start_token_like_the_reference(tiny_lm):
+    ids = tiny_lm.prompt_ids(EDIT.meta["prompt"])
+    assert tiny_lm.start_ids and ids[0] == tiny_lm.start_ids[0]
+    assert memoir(tiny_lm)._feature_ids(ids) == ([], ids)
+    assert memoir(tiny_lm, include_start_tokens=False)._feature_ids(ids) == (ids[:1], ids[1:])
+    with_bos = memoir(tiny_lm).features_of([ids])
+    without = memoir(tiny_lm, include_start_tokens=False).features_of([ids])
+    assert not torch.allclose(with_bos, without)
+
+
+def test_knobs_off_the_reference_are_named_deviations(tiny_lm):
+    faithful = MemoirMethod(tiny_lm, layer=-1)
+    faithful.prepare([LOCALITY])
+    # layer: an index instead of the reference's fraction; target_suffix: kept on principle (generations stop)
+    assert set(faithful.reference_deviations()) == {"layer", "target_suffix"}
+    assert faithful.reference_deviations()["target_suffix"] == "'\\n' (reference: '')"
+    previous = MemoirMethod(tiny_lm, layer=0.84, target_suffix="", **PREVIOUS)
+    previous.prepare([LOCALITY])
+    assert set(previous.reference_deviations()) == set(PREVIOUS)
+    fallback = MemoirMethod(tiny_lm, layer=0.84, target_suffix="", background_source="auto", n_background=4, general_text=None)
+    fallback.prepare([])  # no locality prompts, no general text: the model's own samples, named
+    assert fallback.reference_deviations() == {"background_source": "'model' (reference: 'locality')",
+                                               "n_background": "4 (reference: 100)"}
 
 
 @pytest.mark.parametrize("task", ["editing", "synthetic"])
@@ -137,8 +265,19 @@ def test_memoir_runs_end_to_end_on_the_tiny_model(tmp_path, task):
     assert record["status"] == "done"
     info = record["method_info"]
     assert info["edits_stored"] == (2 if task == "editing" else 3)  # synthetic: one edit per QA sentence
-    assert info["background"].startswith("training" if task == "editing" else "model")
+    assert info["background"].startswith("locality" if task == "editing" else "model")
+    assert info["training_batch_rows"] == 12
     assert record["extra_storage_bytes"] > 0
+    deviations = record["method_deviations"]
+    assert {"layer", "iterations", "target_suffix"} <= set(deviations) and "augment_lengths" not in deviations
+    assert all("iterations=2 (reference: 30)" in p for p in record["metric_protocols"].values())
+    report = info["report"]
+    assert (tmp_path / "memoir_overlap.png").stat().st_size > 0 and set(report["files"]) == {"memoir_overlap.png",
+                                                                                           "memoir_overlap.json"}
+    kinds = {"edit", "rephrase", "locality"} if task == "editing" else {"edit"}
+    assert set(report["overlap"]) == kinds and report["overlap"]["edit"]["routed_on"] == 1.0
+    values = json.loads((tmp_path / "memoir_overlap.json").read_text())["overlaps"]
+    assert len(values["edit"]) == info["edits_stored"] and all(v == 1.0 for v in values["edit"])
 
 
 def test_threshold_calibration_on_the_held_out_split_routes_its_locality_prompts_off(tiny_lm):
@@ -146,7 +285,7 @@ def test_threshold_calibration_on_the_held_out_split_routes_its_locality_prompts
 
     held_out = EditingTask(n_edits=3, n_train=12, general_questions=[["What is the capital of France?", "Paris"]])
     training = held_out.training_knowledge()
-    method = memoir(tiny_lm, background_source="training", calibrate_threshold=0.75)
+    method = memoir(tiny_lm, background_source="locality", calibrate_threshold=0.75)
     method.prepare(training)
     stored = method.masks_of([k.meta["prompt"] for k in training])
     _, best = best_match(method.masks_of([p for k in training for p in k.meta["locality_prompts"]]), stored, method.k)
@@ -154,4 +293,22 @@ def test_threshold_calibration_on_the_held_out_split_routes_its_locality_prompts
     assert (best < max(v for v in best.tolist() if v < method.threshold)).float().mean() < 0.75  # the lowest such
     assert method.info()["threshold_source"].startswith("calibrated")
     with pytest.raises(KBenchError, match="needs held-out edits with locality prompts"):
-        memoir(tiny_lm, background_source="training", calibrate_threshold=0.9).prepare([EDIT])
+        memoir(tiny_lm, background_source="model", calibrate_threshold=0.9).prepare([EDIT])
+
+
+def test_report_overlaps_match_the_routing_of_each_kind_of_prompt(tiny_lm, tmp_path):
+    method = memoir(tiny_lm, iterations=2, augment_lengths=[])
+    edit = Knowledge(id="e0", context="c", meta=EDIT.meta | {"rephrase_prompts": [" Velmora was founded by"],
+                                                            "locality_prompts": [" The river runs north"]})
+    method.inject([edit, OTHER])
+    routed = method.route([Query(id="r", prompt=" Velmora was founded by")])[0][1]  # cached for the report
+    fresh = memoir(tiny_lm, iterations=2, augment_lengths=[])
+    fresh.inject([edit, OTHER])  # the same edits, nothing routed: the report computes every overlap itself
+    for m in (method, fresh):
+        values = m.overlaps()
+        assert values["edit"] == [1.0, 1.0] and values["rephrase"] == [pytest.approx(routed, abs=1e-4)]
+        assert len(values["locality"]) == 1
+    summary = fresh.report(tmp_path)
+    assert summary["overlap"]["edit"] == {"n": 2, "mean": 1.0, "routed_on": 1.0}
+    assert (tmp_path / "memoir_overlap.png").stat().st_size > 0
+    assert memoir(tiny_lm).report(tmp_path / "empty") == {}  # nothing stored: nothing written
