@@ -41,9 +41,12 @@ non-finite float is written as the string "NaN", "Infinity" or "-Infinity" (core
 from __future__ import annotations
 
 import datetime as dt
+import glob
 import importlib.metadata
+import json
 import platform
 import subprocess
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,10 @@ from core.io import atomic_write_json
 SCHEMA_VERSION = 1
 RECORD_FILE = "record.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+# top-level config keys that do not change what a run computes: left out of its `run_id` / `group_id`
+# (runners.results) and never what tells two settings apart in a report (runners.report).
+# `hardware` is left out: its values reach the run through model.* / method.* interpolations, which count
+BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "resume", "hydra", "hardware")
 
 
 def utc_now() -> str:
@@ -121,3 +128,63 @@ class RunRecord:
         path = Path(directory) / RECORD_FILE
         atomic_write_json(path, asdict(self))
         return path
+
+BROKEN_LINK = "broken link: the record it points to was deleted"
+
+
+@dataclass
+class FoundRecord:
+    """A `record.json` found on disk: its parsed content, or why it could not be read."""
+
+    file: Path  # where it was found (a skipped run's folder holds a link to the done record)
+    record: dict[str, Any] | None  # None when unreadable
+    problem: str | None = None  # why it is unreadable
+
+    @property
+    def directory(self) -> Path:
+        """The run folder the record really lives in (links resolved)."""
+        return self.file.resolve().parent
+
+
+def find_records(paths: Iterable[str | Path | None], missing_ok: bool = False,
+                 containing: str | None = None) -> Iterator[FoundRecord]:
+    """Every `record.json` under `paths` (searched recursively; a file path is taken as a record), each
+    real file once: a link to a record already found (a skipped run's folder) and nested search folders
+    count once. A broken link or a file that is not a JSON object comes back with `problem` set.
+
+    missing_ok: skip paths that do not exist (and None) instead of raising FileNotFoundError.
+    containing: skip, before parsing, records whose text does not contain this string (a run_id)."""
+    seen: set[Path] = set()
+    for path in paths:
+        if path is None and missing_ok:
+            continue
+        path = Path(path)
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            # glob, not Path.rglob: rglob drops broken links, which must be reported
+            files = sorted(Path(f) for f in glob.glob(str(path / "**" / RECORD_FILE), recursive=True))
+        elif missing_ok:
+            continue
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        for file in files:
+            target = file.resolve()
+            if not target.is_file():
+                yield FoundRecord(file, None, BROKEN_LINK)
+                continue
+            if target in seen:
+                continue
+            seen.add(target)
+            try:
+                text = target.read_text(encoding="utf-8")
+                if containing is not None and containing not in text:  # cheap filter before parsing
+                    continue
+                record = json.loads(text)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                yield FoundRecord(file, None, f"{type(err).__name__}: {err}")
+                continue
+            if not isinstance(record, dict):
+                yield FoundRecord(file, None, f"not a JSON object (a {type(record).__name__})")
+                continue
+            yield FoundRecord(file, record)

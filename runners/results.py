@@ -12,13 +12,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from core.io import stable_hash
+from core.records import BOOKKEEPING_KEYS  # keys that do not change what a run computes
 from core.types import Answer, ProbeSet, TargetScore
 from metrics.uncertainty import DEFAULT_RESAMPLES, bootstrap_mean
 from tasks.base import ProbeResult, Task
 
-# keys that do not change what a run computes (excluded from its identity)
-# `hardware` is left out: its values reach the run through model.* / method.* interpolations, which count
-BOOKKEEPING_KEYS = ("logger", "output_dir", "force", "resume", "hydra", "hardware")
 
 
 def run_identity(cfg: DictConfig) -> str:

@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from core.io import atomic_write_json, default_modes, file_digest
 from core.predictions import output_of  # a predictions line -> the method output, as offline rescoring does
-from core.records import PREDICTIONS_FILE, RECORD_FILE
+from core.records import BROKEN_LINK, PREDICTIONS_FILE, RECORD_FILE, find_records
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
 from runners.results import score_probe_set
 from tasks.base import ProbeResult, Task
@@ -61,23 +61,13 @@ def earlier_attempts(search_dirs: str | Path | None | Iterable[str | Path | None
     twice (a link, or nested folders) counts once."""
     if search_dirs is None or isinstance(search_dirs, (str, Path)):
         search_dirs = [search_dirs]
-    files = [f for d in search_dirs if d and Path(d).is_dir() for f in Path(d).rglob(RECORD_FILE)]
-    attempts, seen = [], set()
-    for file in files:
-        target = file.resolve()
-        if target in seen or not target.is_file():
-            continue
-        seen.add(target)
-        try:
-            text = target.read_text(encoding="utf-8")
-            if run_id not in text:  # cheap filter before parsing
-                continue
-            record = json.loads(text)
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("ignoring unreadable record %s: %s", target, err)
-            continue
-        if record.get("run_id") == run_id:
-            attempts.append(Attempt(target.parent, record))
+    attempts = []
+    for found in find_records(search_dirs, missing_ok=True, containing=run_id):
+        if found.record is None:
+            if found.problem != BROKEN_LINK:  # a link left by a deleted done run is no record at all
+                log.warning("ignoring unreadable record %s: %s", found.file, found.problem)
+        elif found.record.get("run_id") == run_id:
+            attempts.append(Attempt(found.directory, found.record))
     return sorted(attempts, key=lambda a: a.record.get("started_at") or "", reverse=True)
 
 
