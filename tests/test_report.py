@@ -157,7 +157,7 @@ def test_sequential_curves_use_injections_and_the_injected_mean():
     steps = [{"index": i, "label": "", "metrics": {"injections": float(j), **({"qa_f1_injected": v} if j else {})}}
              for i, (j, v) in enumerate([(0, None), (1, 0.8), (2, 0.6), (0, None), (1, 0.4), (2, 0.2)])]
     record = {"method": "ft_sentences", "model": "tiny", "task": "sequential", "config": {}, "run_id": "r", "steps": steps}
-    curves = report._step_curves([record], "qa_f1")
+    curves = report.plots._step_curves([record], "qa_f1")
     assert curves.groupby("x")["value"].mean().to_dict() == pytest.approx({1.0: 0.6, 2.0: 0.4})
     assert set(curves["x_name"]) == {"contexts injected"}
 
@@ -353,7 +353,7 @@ def test_plot_draws_editing_scores_along_the_stream(tmp_path):
         record["task_report"] = {"stream": {"edits_injected": [1, 2, 3], "curves": {
             "reliability_tf": [1.0, 0.75, last], "generality_tf": [0.5, 0.5, 0.4], "locality": [1.0, 0.9, 0.8]}}}
         (tmp_path / f"m{seed}" / "record.json").write_text(json.dumps(record))
-    curves = report._stream_curves(report.load_runs([tmp_path]).records)
+    curves = report.plots._stream_curves(report.load_runs([tmp_path]).records)
     assert len(curves) == 2 * 3 * 3
     last = curves[(curves["family"] == "reliability_tf") & (curves["x"] == 3)]["value"]
     assert last.mean() == pytest.approx(0.6)
