@@ -22,7 +22,7 @@ from typing import Any
 from core.io import atomic_write_json, read_jsonl_numbered
 from core.types import DataError, KBenchError
 from metrics import ranking
-from tasks.crs import CATALOGUES, load_catalogue
+from tasks.crs_catalogue import CATALOGUES, load_catalogue
 
 GENERATIONS_FORMAT = 'JSON lines {"generation": str, "gold": [titles], "seen": [titles]}'
 

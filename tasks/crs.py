@@ -27,262 +27,35 @@ Each dialogue also carries target sentences for FT(S)/SELF-PARAM, one per recomm
 what the dialogue teaches (which titles were recommended for which request) without a generator.
 
 Steps: one step: reset, inject every chosen dialogue at once, then one probe set of every evaluated turn.
+
+Data code: `tasks/crs_catalogue.py` (titles), `tasks/crs_turns.py` (the test file's turns and dialogues),
+`tasks/redial_conversations.py` (ReDial's release); this file is the task.
 """
 from __future__ import annotations
 
-import json
 import random
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from core.io import FirstSeen, read_json, read_jsonl_numbered, read_records, text_field, write_jsonl
+from core.io import write_jsonl
 from core.options import checked
 from core.types import NonNegativeInt, PositiveInt
 from core.types import Answer, DataError, GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
 from metrics import ranking
 from tasks.base import MetricSample, ProbeResult, Task
+from tasks.crs_catalogue import Catalogue, load_catalogue
+from tasks.crs_turns import CRSTurn, Dialogue, dialogues_from_turns, load_crs_turns
+from tasks.redial_conversations import load_redial_conversations
 
 REFERENCE_PROMPT = (
     "Pretend you are a movie recommender system. \n I will give you a conversation between a user and you "
     "(a recommender system). Based on the conversation, you reply me with 20 recommendations without extra "
     "sentences.\n Here is the conversation: {dialogue}"
 )
-CRS_FORMAT = (
-    'JSON lines with "input" (the dialogue as System:/User: lines), "rec" (gold item ids), "prev_entity", '
-    '"dialog_id", "turn_id" (the He et al. CIKM\'23 / CRSLab test format)'
-)
-ENTITY_FORMAT = 'a JSON object {"<http://dbpedia.org/resource/Title_(film)>": item id, ...}'
-ITEMS_FORMAT = "a JSON list of recommendable item ids"
-REDIAL_FORMAT = (
-    'ReDial conversations: a JSON array (conversations.json) or JSON lines (train_data.jsonl) of objects with '
-    '"messages" [{"text", "senderWorkerId"}], "initiatorWorkerId", "movieMentions" {id: "Title (Year)"}'
-)
 KNOWLEDGE_SOURCES = ("split", "crs_jsonl", "redial_conversations", "none")
-CATALOGUES = ("entities", "items")
-_SPEAKER = re.compile(r"^(?:User|System):\s*")
-_REDIAL_MENTION = re.compile(r"@(\d+)")
-
-
-def entity_title(uri: str) -> str:
-    """A title from a DBpedia URI as the reference derives it: the last path segment, with "_", "-"
-    and ">" as spaces, parenthesised parts removed, whitespace collapsed ("<.../Hoffa_(film)>" -> "Hoffa")."""
-    segment = uri.split("/")[-1].replace("_", " ").replace("-", " ").replace(">", " ")
-    return ranking.collapse_spaces(ranking.strip_parentheses(segment))
-
-
-@dataclass(frozen=True)
-class Catalogue:
-    """Titles of a dataset's entities; `item_ids` are the recommendable ones."""
-
-    id_to_title: dict[int, str]
-    item_ids: frozenset[int]
-
-    def titles(self, which: str) -> list[str]:
-        """`entities`: every entity title (the reference's candidate set: movies, people, genres);
-        `items`: only recommendable items."""
-        if which == "entities":
-            return sorted(set(self.id_to_title.values()))
-        if which == "items":
-            return sorted({self.id_to_title[i] for i in self.item_ids})
-        raise ValueError(f"catalogue must be one of {CATALOGUES}, got {which!r}")
-
-    def title(self, entity_id: int, where: str) -> str:
-        try:
-            return self.id_to_title[int(entity_id)]
-        except (KeyError, TypeError, ValueError):
-            raise DataError(f"{where}: entity id {entity_id!r} is not in entity2id.json") from None
-
-
-def load_catalogue(dataset_dir: str | Path) -> Catalogue:
-    """`entity2id.json` and `item_ids.json` of a CRS dataset folder."""
-    folder = Path(dataset_dir)
-    entities = read_json(folder / "entity2id.json", ENTITY_FORMAT)
-    items = read_json(folder / "item_ids.json", ITEMS_FORMAT)
-    if not isinstance(entities, dict) or not entities:
-        raise DataError(f"{folder / 'entity2id.json'}: expected {ENTITY_FORMAT}")
-    if not isinstance(items, list):
-        raise DataError(f"{folder / 'item_ids.json'}: expected {ITEMS_FORMAT}")
-    id_to_title: dict[int, str] = {}
-    first_uri: dict[int, str] = {}
-    for uri, i in entities.items():
-        if isinstance(i, bool) or not isinstance(i, int):
-            raise DataError(f"{folder / 'entity2id.json'}: the id of {uri!r} must be a number, got {i!r}. Expected {ENTITY_FORMAT}")
-        if i in first_uri:  # two URIs under one id: one title would silently replace the other
-            raise DataError(f"{folder / 'entity2id.json'}: id {i} is given to both {first_uri[i]!r} and {uri!r}; "
-                            "every entity needs its own id")
-        first_uri[i], id_to_title[i] = uri, entity_title(uri)
-    if any(isinstance(i, bool) or not isinstance(i, int) for i in items):
-        raise DataError(f"{folder / 'item_ids.json'}: every item id must be a number. Expected {ITEMS_FORMAT}")
-    unknown = [i for i in items if int(i) not in id_to_title]
-    if unknown:
-        raise DataError(f"{folder / 'item_ids.json'}: ids {unknown[:5]} are not in entity2id.json")
-    return Catalogue(id_to_title, frozenset(int(i) for i in items))
-
-
-@dataclass(frozen=True)
-class CRSTurn:
-    """One evaluated recommender turn: the dialogue so far, what the recommender then recommended,
-    and the titles mentioned before it."""
-
-    dialog_id: str
-    turn_id: str
-    dialogue: str
-    response: str
-    gold: tuple[str, ...]
-    seen: tuple[str, ...]
-    request: str  # the utterance the recommender answers (the last one before `response`)
-
-    @property
-    def id(self) -> str:
-        return f"{self.dialog_id}/{self.turn_id}"
-
-
-def _request(row: dict) -> str:
-    """The utterance just before the recommender's turn: the last non-empty `context` entry (the
-    rendered `input` labels speakers by position and is sometimes wrong), else the last line of `input`."""
-    context = [str(u).strip() for u in row.get("context") or [] if str(u).strip()]
-    if context:
-        return context[-1]
-    lines = [line for line in row["input"].strip().split("\n") if line.strip() and line.strip() != "System:"]
-    return _SPEAKER.sub("", lines[-1]).strip() if lines else ""
-
-
-def _ids(row: dict, key: str, where: str) -> list[int]:
-    """A list of entity ids (numbers); anything else is refused naming file:line."""
-    value = row[key]
-    if not isinstance(value, list) or any(isinstance(i, bool) or not isinstance(i, int | str) for i in value):
-        raise DataError(f"{where}: field {key!r} must be a list of item ids, got {value!r}. Expected {CRS_FORMAT}.")
-    return value
-
-
-def load_crs_turns(path: str | Path, catalogue: Catalogue, dropped: dict[str, int] | None = None) -> list[CRSTurn]:
-    """The recommender turns with a gold recommendation of a CRS test file, in file order.
-
-    Fields must have their types (`input` a string, `rec` / `prev_entity` lists of ids, ids strings
-    or numbers), refused naming file:line. A gold item whose title is empty once derived from its URI
-    is dropped and counted in `dropped["empty_gold_title"]` (an empty gold would match an empty list
-    item), and a turn left without gold in `dropped["no_gold_left"]`. The dialogue itself may be empty:
-    the recommender may open a conversation. A (dialog_id, turn_id) seen twice is refused naming both
-    file:lines (the two turns would share one probe id)."""
-    turns, seen = [], FirstSeen("turn (dialog_id, turn_id)")
-    dropped = dropped if dropped is not None else {}
-    dropped.setdefault("empty_gold_title", 0)
-    dropped.setdefault("no_gold_left", 0)
-    required = ("input", "rec", "prev_entity", "dialog_id", "turn_id")
-    for where, row in read_jsonl_numbered(path, required=required, expected_format=CRS_FORMAT):
-        for key in ("dialog_id", "turn_id"):
-            if isinstance(row[key], bool) or not isinstance(row[key], int | str) or not str(row[key]).strip():
-                raise DataError(f"{where}: field {key!r} must be a non-empty string or number, got {row[key]!r}. "
-                                f"Expected {CRS_FORMAT}.")
-        seen.add(f"{row['dialog_id']}/{row['turn_id']}", where)
-        rec = _ids(row, "rec", where)
-        if not rec or row.get("is_user"):
-            continue
-        dialogue = text_field(row, "input", where, CRS_FORMAT)
-        place = f"{where} (turn {row['dialog_id']}/{row['turn_id']})"
-        gold = tuple(title for title in (catalogue.title(i, place) for i in rec) if title.strip())
-        dropped["empty_gold_title"] += len(rec) - len(gold)
-        if not gold:
-            dropped["no_gold_left"] += 1
-            continue
-        turns.append(CRSTurn(
-            dialog_id=str(row["dialog_id"]),
-            turn_id=str(row["turn_id"]),
-            dialogue=dialogue,
-            response=text_field(row, "resp", where, CRS_FORMAT, optional=True) or "",
-            gold=gold,
-            seen=tuple(catalogue.title(i, place) for i in _ids(row, "prev_entity", where)),
-            request=_request(row),
-        ))
-    if not turns:
-        why = f" ({dropped['no_gold_left']} left without a gold title)" if dropped["no_gold_left"] else ""
-        raise DataError(f"{path}: no recommender turn with a gold 'rec'{why}. Expected {CRS_FORMAT}.")
-    return turns
-
-
-@dataclass(frozen=True)
-class Dialogue:
-    """A whole dialogue to inject, and what was recommended in it: (user request, titles, response)."""
-
-    id: str
-    text: str
-    recommendations: tuple[tuple[str, tuple[str, ...], str], ...]
-
-
-def dialogues_from_turns(turns: Sequence[CRSTurn]) -> list[Dialogue]:
-    """Group turns by dialogue. The text is the longest dialogue prefix plus the response that follows
-    it (a test file holds a dialogue only up to its last recommendation)."""
-    grouped: dict[str, list[CRSTurn]] = {}
-    for turn in turns:
-        grouped.setdefault(turn.dialog_id, []).append(turn)
-    dialogues = []
-    for dialog_id, members in grouped.items():
-        last = max(members, key=lambda t: len(t.dialogue))
-        text = (last.dialogue + last.response).strip("\n")
-        recommendations = tuple((t.request, t.gold, t.response) for t in members)
-        dialogues.append(Dialogue(dialog_id, text, recommendations))
-    return dialogues
-
-
-def _redial_text(text: str, mentions: dict[str, str]) -> str:
-    return _REDIAL_MENTION.sub(lambda m: mentions.get(m.group(1), m.group(0)), text)
-
-
-def load_redial_conversations(path: str | Path, dropped: dict[str, int] | None = None) -> list[Dialogue]:
-    """Dialogues of ReDial's original release. The seeker (initiator) is "User", the recommender
-    "System"; consecutive messages of one speaker are joined; "@id" mentions become titles. Every
-    recommender utterance that mentions a movie is a recommendation of those titles (years removed).
-    A message text must be a string (file:line otherwise); a conversation with no text is dropped and
-    counted in `dropped["empty_conversation"]`; a `conversationId` seen twice is refused naming both."""
-    dropped = dropped if dropped is not None else {}
-    dropped.setdefault("empty_conversation", 0)
-    ids = FirstSeen("conversationId")
-    dialogues = []
-    for where, conversation in read_records(path, ("messages", "initiatorWorkerId"), REDIAL_FORMAT):
-        mentions = conversation.get("movieMentions") or {}
-        if not isinstance(mentions, dict):
-            raise DataError(f"{where}: 'movieMentions' must be an object {{id: title}}. Expected {REDIAL_FORMAT}.")
-        if not isinstance(conversation["messages"], list):
-            raise DataError(f"{where}: 'messages' must be a list. Expected {REDIAL_FORMAT}.")
-        utterances: list[tuple[str, str, list[str]]] = []  # (speaker, text, mentioned ids)
-        for message in conversation["messages"]:
-            if not isinstance(message, dict) or "text" not in message or "senderWorkerId" not in message:
-                raise DataError(f"{where}: every message needs 'text' and 'senderWorkerId'. Expected {REDIAL_FORMAT}.")
-            raw = text_field(message, "text", where, REDIAL_FORMAT)
-            speaker = "User" if message["senderWorkerId"] == conversation["initiatorWorkerId"] else "System"
-            text = _redial_text(raw.strip(), mentions)
-            if not text:
-                continue  # an empty message adds nothing, and must not start an empty turn
-            message_ids = _REDIAL_MENTION.findall(raw)
-            if utterances and utterances[-1][0] == speaker:
-                previous = utterances[-1]
-                utterances[-1] = (speaker, f"{previous[1]} {text}".strip(), previous[2] + message_ids)
-            else:
-                utterances.append((speaker, text, message_ids))
-        dialog_id = str(conversation.get("conversationId", len(dialogues)))
-        ids.add(dialog_id, where)
-        if not utterances:
-            dropped["empty_conversation"] += 1
-            continue
-        recommendations = []
-        for index, (speaker, text, mentioned) in enumerate(utterances):
-            titles = tuple(dict.fromkeys(
-                ranking.collapse_spaces(ranking.strip_parentheses(str(mentions[i]))) for i in mentioned if i in mentions
-            ))
-            if speaker == "System" and titles:
-                before = [u[1] for u in utterances[:index] if u[0] == "User"]
-                recommendations.append((before[-1] if before else "", titles, text))
-        text = "\n".join(f"{speaker}: {text}" for speaker, text, _ in utterances)
-        dialogues.append(Dialogue(f"redial-{dialog_id}", text, tuple(recommendations)))
-    if not dialogues:
-        why = f" ({dropped['empty_conversation']} without text dropped)" if dropped["empty_conversation"] else ""
-        raise DataError(f"{path}: no conversation with messages{why}. Expected {REDIAL_FORMAT}.")
-    return dialogues
 
 
 class CRSTask(Task):

@@ -12,7 +12,10 @@ from metrics import ranking
 from runners import rescore_crs
 from runners.build import build
 from tasks.base import ProbeResult
-from tasks.crs import CRSTask, entity_title, load_catalogue, load_crs_turns, load_redial_conversations
+from tasks.crs import CRSTask
+from tasks.crs_catalogue import entity_title, load_catalogue
+from tasks.crs_turns import load_crs_turns
+from tasks.redial_conversations import load_redial_conversations
 from tests.conftest import compose_config
 from tests.test_run import run_in_process
 

@@ -24,7 +24,8 @@ BLOCKED = ["faiss", "wandb", "rank_bm25", "bm25s", "rapidfuzz", "gguf", "submiti
            "matplotlib", "openai"]
 
 # the only modules allowed to need a blocked package at import time, and which one
-NEEDS = {"metrics.ranking": "rapidfuzz", "tasks.crs": "rapidfuzz", "runners.rescore_crs": "rapidfuzz"}
+NEEDS = {"metrics.ranking": "rapidfuzz", "tasks.crs": "rapidfuzz", "tasks.crs_catalogue": "rapidfuzz",
+         "tasks.crs_turns": "rapidfuzz", "tasks.redial_conversations": "rapidfuzz", "runners.rescore_crs": "rapidfuzz"}
 
 BLOCKER = textwrap.dedent(
     """
