@@ -126,3 +126,18 @@ def test_grace_runs_end_to_end_on_the_tiny_model(tmp_path):
     assert record["method_info"]["edits"] == 3 and record["extra_storage_bytes"] > 0
     assert record["method_deviations"] == {"iterations": "3 (reference: 100)", "replacement": "'last' (reference: 'prompt')"}
     assert record["metrics"]["after_all/locality"] == 1.0
+
+
+def test_replaying_the_frozen_layers_gives_the_full_forward(tiny_lm):
+    from methods.grace import FrozenPrefix
+
+    batch = tiny_lm.collate([(tiny_lm.prompt_ids(EDIT.meta["prompt"]), tiny_lm.encode(EDIT.meta["target"]))] * 2)
+    full = tiny_lm.target_logits(batch)
+    frozen = FrozenPrefix(tiny_lm.decoder_layers(), 3, check=True)
+    calls = []
+    hook = tiny_lm.decoder_layers()[1].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    for _ in range(3):
+        assert torch.allclose(frozen.verified(lambda: tiny_lm.target_logits(batch)), full, atol=1e-5)
+    hook.remove()
+    assert len(calls) == 2  # the first pass and the one full check: replayed passes skip the frozen layers
+    assert torch.equal(tiny_lm.target_logits(batch), full)  # the layers' own forwards are back
