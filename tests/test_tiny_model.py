@@ -1,4 +1,5 @@
-"""The tiny model tells methods apart, every method's defaults run on it, and its build is cheap to reuse.
+"""The tiny model tells methods apart, and its build is cheap to reuse (every method building on it:
+tests/test_configs.py).
 
 `model=tiny` is what a smoke run and most unit tests use, so it must read a context: on `task=synthetic`
 the `context` upper bound has to beat the `base` floor by a wide margin, and methods whose direction is
@@ -12,12 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.build import build
 from runners.experiment import Experiment
 from tests.conftest import CONF, ROOT, compose_config, read_record
 
 TINY = ["model=tiny", "logger=none"]
-METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
@@ -28,15 +27,6 @@ def run_tiny(tmp_path: Path, method: str, *overrides: str) -> dict:
     record = read_record(tmp_path / method)
     assert record["status"] == "done", record["error"]
     return record["metrics"]
-
-
-# ------------------------------------------------------------------ every method's defaults on the tiny model
-@pytest.mark.parametrize("method", METHODS)
-def test_every_method_builds_on_the_tiny_model_with_its_defaults(method):
-    cfg = compose_config(*TINY, f"method={method}")
-    lm = build(cfg.model, "model")
-    built = build(cfg.method, "method", lm=lm)
-    assert built.lm is lm
 
 
 def test_memoir_layer_is_a_fraction_of_depth_on_every_depth():
