@@ -186,7 +186,7 @@ class MassEditor(Method):
         self.templates: list[str] | None = None
         self.pending: list[EditRequest] = []
         self.applied: list[str] = []
-        self.z_losses: list[tuple[float, float, int]] = []  # (first, last loss, steps) per edit
+        self.z_losses: list[tuple[float, float, int, float]] = []  # (first, last loss, steps, ‖δ‖/‖h₀‖) per edit
         self.subject_misses = 0  # edits whose subject was not found in the prompt (lookup: last prompt token)
         self.flushed_at_scoring = 0
         self.edit_seconds = 0.0
@@ -499,7 +499,7 @@ class MassEditor(Method):
                         delta.mul_(max_norm / delta.norm())
         finally:
             handle.remove()
-        self.z_losses.append((losses[0], losses[-1], len(losses)))
+        self.z_losses.append((losses[0], losses[-1], len(losses), float(delta.detach().norm() / state["init"].norm())))
         return (state["init"] + delta.detach().float()).to(device)
 
     # ------------------------------------------------------------------ the update
@@ -623,6 +623,7 @@ class MassEditor(Method):
             "mean_first_z_loss": sum(l[0] for l in losses) / len(losses) if losses else None,
             "mean_final_z_loss": sum(l[1] for l in losses) / len(losses) if losses else None,
             "mean_z_steps": sum(l[2] for l in losses) / len(losses) if losses else None,
+            "mean_delta_over_h0": sum(l[3] for l in losses) / len(losses) if losses else None,  # the clamp is 0.75
             "weight_change_norm": {str(l): float((m.weight.detach().cpu().float() - self.original[l].float()).norm())
                                    for l, m in self.modules.items()},
         }
