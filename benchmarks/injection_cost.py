@@ -3,6 +3,8 @@
     python benchmarks/injection_cost.py                 # embedded Gemma 3 270M, one synthetic context
     python benchmarks/injection_cost.py --model tiny    # seconds; the ratios are then meaningless
 
+Defaults follow conf/method/selfparam.yaml: 100 unique pairs of the context (`--pairs`), one epoch,
+batch 4, lr 5e-4, the reference's LoRA (dropout 0.1, no o_proj).
 Arms (same LoRA, same sentences, same epochs / batch size / learning rate):
   ft_sentences      FT(S): cross-entropy on the sentences
   selfparam         kbench's SELF-PARAM on the same sentences (continuations and regularisation off, so the
@@ -35,8 +37,8 @@ from methods.selfparam import SelfParam, distill_kl  # noqa: E402
 from methods.sentences import TaskSentences  # noqa: E402
 from tasks.synthetic import SyntheticTask  # noqa: E402
 
-LORA = {"r": 8, "alpha": 32, "dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+LORA = {"r": 8, "alpha": 32, "dropout": 0.1,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
 
 
 class PeakRSS:
@@ -88,15 +90,16 @@ def reference_style_inject(lm, sentences: list[str], context: str, epochs: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:gemma3-270m", help="embedded name, local path, or 'tiny'")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=100, help="unique QA pairs of the context (0: its 12 phrasings)")
+    parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions per arm (median reported)")
     parser.add_argument("--no-reference-style", action="store_true")
     args = parser.parse_args()
 
     lm = tiny_lm() if args.model == "tiny" else load_lm(args.model)
-    item = SyntheticTask(n_contexts=1).items[0]
+    item = SyntheticTask(n_contexts=1, train_pairs_per_context=args.pairs).items[0]
     knowledge = item.knowledge
     sentences = list(knowledge.train_sentences)
     common = dict(update={"mode": "lora", "lora": LORA}, lr=args.lr, epochs=args.epochs,

@@ -222,10 +222,32 @@ def fp32_masters(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | No
     return [None if p.dtype == torch.float32 else p.detach().float().clone().requires_grad_(True) for p in params]
 
 
-def shuffled_batches(items: Sequence[T], batch_size: int, generator: torch.Generator) -> Iterator[list[T]]:
-    order = torch.randperm(len(items), generator=generator).tolist()
+def shuffled_batches(
+    items: Sequence[T], batch_size: int, generator: torch.Generator, groups: Sequence[int] | None = None
+) -> Iterator[list[T]]:
+    """Mini-batches of `items` in a seeded random order. With `groups` (one id per item) the *groups* are
+    shuffled and the items of one group stay adjacent, in their given order (SELF-PARAM's reference takes
+    a QA step, then its continuation step, then a regularisation step)."""
+    if groups is None:
+        order = torch.randperm(len(items), generator=generator).tolist()
+    else:
+        members: dict[int, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        keys = list(members)
+        order = [i for g in torch.randperm(len(keys), generator=generator).tolist() for i in members[keys[g]]]
     for start in range(0, len(order), batch_size):
         yield [items[i] for i in order[start : start + batch_size]]
+
+
+def reduce_loss(per_token: torch.Tensor, lengths: Sequence[int], per: Literal["token", "sentence"]) -> tuple[torch.Tensor, int]:
+    """(summed loss, count) for `train`, which divides the one by the other over a step: `token` pools
+    every target token of the step; `sentence` averages within each sentence first, so a long text and a
+    short one weigh the same (the SELF-PARAM reference: one sentence per step, mean over its tokens)."""
+    if per == "token":
+        return per_token.sum(), per_token.numel()
+    means = torch.stack([part.mean() for part in per_token.split(list(lengths))])
+    return means.sum(), len(lengths)
 
 
 def train(
@@ -241,11 +263,13 @@ def train(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     desc: str = "train",
+    groups: Sequence[int] | None = None,
 ) -> list[float]:
     """Minimise the per-token mean of `loss_fn` over `examples`; returns the loss of every optimiser step.
 
     `loss_fn(batch)` returns (summed loss over the batch's target tokens, number of target tokens), so
-    accumulation over `grad_accum` mini-batches averages over tokens exactly as one big batch would.
+    accumulation over `grad_accum` mini-batches averages over tokens exactly as one big batch would
+    (or summed per-sentence means and the sentence count: `reduce_loss`). `groups`: see `shuffled_batches`.
     """
     if not examples:
         raise ValueError("nothing to train on: the example list is empty")
@@ -257,7 +281,7 @@ def train(
     history: list[float] = []
     bar = progress(total=epochs * steps_per_epoch, desc=desc)
     for _ in range(epochs):
-        batches = list(shuffled_batches(examples, batch_size, generator))
+        batches = list(shuffled_batches(examples, batch_size, generator, groups))
         for start in range(0, len(batches), grad_accum):
             total, n_tokens = 0.0, 0
             for batch in batches[start : start + grad_accum]:

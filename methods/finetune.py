@@ -1,7 +1,8 @@
 """Fine-tuning baselines: FT(C) trains on the context text, FT(S) on target sentences about it.
 
 Both minimise the causal-LM loss  L(θ') = − Σ_t log P_θ'(y_t | y_<t)  over the tokens y of their
-training text, through a LoRA adapter (peft) or the full weights (`update.mode=full`).
+training text, through a LoRA adapter (peft) or the full weights (`update.mode=full`); a step's loss is the
+mean over its tokens (`loss_average: token`) or the mean of each sentence's token mean (`sentence`).
 - FT(C) (`method=ft_context`): the context itself, split into chunks of at most `chunk_tokens`.
 - FT(S) (`method=ft_sentences`): the target sentences ("Question: ...\\nAnswer: ...\\n") from the
   configured sentence source, each sequence = start tokens + sentence, loss on every sentence token.
@@ -11,13 +12,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 from core.options import as_dict, validate
-from core.training import UpdateOptions, WeightUpdate, train
+from core.training import UpdateOptions, WeightUpdate, reduce_loss, train
 from core.types import Knowledge, NonNegativeFloat, PositiveFloat, PositiveInt
 from methods.base import Method
 from methods.sentences import SentenceSource
@@ -42,6 +43,7 @@ class FineTuneMethod(Method):
         max_grad_norm: NonNegativeFloat = 1.0,  # 0 = no clipping
         merge: bool = False,
         seed: int = 0,
+        loss_average: Literal["token", "sentence"] = "token",
     ) -> None:
         super().__init__(lm)
         # Hydra passes the option group as a dict, a direct caller may pass UpdateOptions: validated either
@@ -50,19 +52,24 @@ class FineTuneMethod(Method):
         self.weights = WeightUpdate(lm, mode=update.mode, lora=update.lora, seed=seed)
         self.lr, self.epochs, self.batch_size, self.grad_accum = lr, epochs, batch_size, grad_accum
         self.weight_decay, self.max_grad_norm, self.merge, self.seed = weight_decay, max_grad_norm, merge, seed
+        self.loss_average = loss_average
         self.losses: list[float] = []
 
     def training_examples(self, knowledge: Sequence[Knowledge]) -> list[Any]:
         """What to train on; called before the update starts (the model is still as before injection)."""
         raise NotImplementedError
 
+    def example_groups(self, examples: list[Any]) -> list[int] | None:
+        """Examples that must be trained on back to back (`core.training.shuffled_batches`); None: none."""
+        return None
+
     def loss(self, examples: list[Any]) -> tuple[torch.Tensor, int]:
-        """Summed loss over a mini-batch of examples, and the number of target tokens it covers.
+        """Summed loss over a mini-batch of examples and what it is averaged over (`reduce_loss`).
         Default: the causal-LM cross-entropy on (prefix, target) id pairs."""
         batch = self.lm.collate(examples)
         logits = self.lm.target_logits(batch)  # on the output head's device, maybe not the inputs'
         targets = batch.target_ids.to(logits.device)
-        return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
+        return reduce_loss(F.cross_entropy(logits, targets, reduction="none"), batch.target_lengths, self.loss_average)
 
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
         examples = self.training_examples(knowledge)
@@ -71,7 +78,7 @@ class FineTuneMethod(Method):
             self.losses = train(
                 params, examples, self.loss, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                 grad_accum=self.grad_accum, weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm,
-                seed=self.seed, desc=f"inject {self.name}",
+                seed=self.seed, desc=f"inject {self.name}", groups=self.example_groups(examples),
             )
         finally:
             self.weights.end()

@@ -12,8 +12,13 @@ positions of s only. S mixes three kinds of sentences, shuffled together:
   2. continuations (`continuation_per_sentence`): x split at a random token; the teacher reads the
      prefix and the suffix, the student only the suffix (the reference does this);
   3. regularisation text unrelated to x (`regularisation_per_sentence`; SlimPajama in the paper):
-     lines of a local text/JSONL file, or samples drawn once from the untouched model itself;
-     the teacher sees x in front of them iff `context_on_regularisation` (reference: yes).
+     chunks of general text (WikiText-2 from ../shared by default, `core.general_text`), each used once
+     until the pool runs out, or samples drawn once from the untouched model itself; the teacher sees x
+     in front of them iff `context_on_regularisation` (reference: yes).
+With `interleave` each QA sentence is followed by its continuation and regularisation sentences and the
+triples are shuffled (the reference's step order); `loss_average: sentence` averages the KL within each
+sentence before averaging over a step's sentences (the reference: one sentence per step, mean KL).
+The reference's values of every knob: `SelfParam.reference`, conf/experiment/reference_selfparam.yaml.
 
 Cheaper than the reference, same objective:
   - one copy of the weights: the teacher is the student's own weights at injection start (for a fresh
@@ -37,12 +42,12 @@ from typing import Any, Literal
 
 import torch
 
-from core.io import (
-    atomic_write_json, cache_dir, note_input, read_json, read_jsonl_numbered, read_lines, stable_hash, text_field,
-)
+from core import general_text
+from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
 from core.lm import LM
 from core.options import ConfigError, as_dict, validate
 from core.progress import progress
+from core.training import reduce_loss
 from core.types import (
     GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt,
 )
@@ -55,10 +60,11 @@ log = logging.getLogger(__name__)
 class RegularisationOptions(Options):
     """`method.regularisation`: where the unrelated text comes from (conf/method/selfparam.yaml)."""
 
-    source: Literal["model", "file"] = "model"
-    path: str | None = None
-    n_texts: PositiveInt = 32
-    max_tokens: PositiveInt = 32
+    source: Literal["auto", "file", "model"] = "auto"  # auto: the file(s) when present, else model samples
+    path: str | list[str] | None = list(general_text.WIKITEXT2)
+    min_words: PositiveInt = 8  # WikiText sentences shorter than this (list fragments, captions) are skipped
+    n_texts: PositiveInt = 32  # source=model: texts sampled once
+    max_tokens: PositiveInt = 32  # tokens per chunk (file) or per sample (model)
     temperature: PositiveFloat = 1.0
     seed: int = 0
 
@@ -72,6 +78,7 @@ class DistillExample:
     teacher_index: torch.Tensor | None  # [n_target, k] vocabulary ids of the top-k, None when k == 0
     teacher_rest: torch.Tensor | None  # [n_target] log-mass outside the top-k, None when k == 0
     kind: str  # qa | continuation | regularisation
+    group: int = 0  # the QA sentence this one belongs to (`interleave`)
 
 
 def distill_kl(
@@ -102,6 +109,18 @@ class SelfParam(FineTuneMethod):
     this class adds the examples (three kinds of sentences with a cached teacher) and the KL loss."""
 
     name = "selfparam"
+    # The reference implementation (XinshuangL/SELF-PARAM: utils.py get_optimizer / train_with_qa_pair /
+    # distillation_loss, self_param.py inject_context, slimpajama.py). Dotted knobs live in option groups.
+    # epochs 1: the reference's "50 epochs x 10 new pairs" is one pass over 500 pairs. teacher_top_k 0:
+    # the reference distils the full vocabulary (kbench's top-k cache is a bounded approximation).
+    reference = {
+        "lr": 2e-5, "epochs": 1, "batch_size": 1, "grad_accum": 1, "weight_decay": 0.01, "max_grad_norm": 0.0,
+        "update.mode": "lora", "update.lora.r": 8, "update.lora.alpha": 32, "update.lora.dropout": 0.1,
+        "update.lora.target_modules": ["q_proj", "v_proj", "k_proj", "up_proj", "down_proj", "gate_proj"],
+        "loss_average": "sentence", "interleave": True, "teacher": "current", "teacher_top_k": 0,
+        "continuation_per_sentence": 1.0, "regularisation_per_sentence": 1.0, "context_on_regularisation": True,
+        "regularisation.max_tokens": 256, "regularisation_text": "SlimPajama-6B",
+    }
 
     def __init__(
         self,
@@ -113,46 +132,94 @@ class SelfParam(FineTuneMethod):
         continuation_per_sentence: NonNegativeFloat = 1.0,
         regularisation_per_sentence: NonNegativeFloat = 1.0,
         context_on_regularisation: bool = True,
+        interleave: bool = False,
         regularisation: RegularisationOptions = RegularisationOptions(),
         **training,
     ) -> None:
         super().__init__(lm, **training)
         self.sentences = sentences
         self.teacher, self.teacher_top_k, self.teacher_batch_size = teacher, teacher_top_k, teacher_batch_size
-        self.continuation_ratio, self.regularisation_ratio = continuation_per_sentence, regularisation_per_sentence
-        self.context_on_regularisation = context_on_regularisation
+        self.continuation_per_sentence, self.regularisation_per_sentence = continuation_per_sentence, regularisation_per_sentence
+        self.context_on_regularisation, self.interleave = context_on_regularisation, interleave
         options = validate(RegularisationOptions, as_dict(regularisation), "method.regularisation")
         if options.source == "file" and not options.path:
             raise ConfigError("method.regularisation.path: required when method.regularisation.source=file "
-                              "(a .txt file, one text per line, or .jsonl with {\"text\": ...})")
+                              "(WikiText, a .txt file with one text per line, or .jsonl with {\"text\": ...})")
         self.regularisation_cfg = options.model_dump()  # a plain dict: part of the pool's cache key
+        self.update_cfg = {"mode": self.weights.mode, "lora": self.weights.lora}
         self.rng = random.Random(self.seed)
         self.regularisation_pool: list[list[int]] = []
+        self.regularisation_source = ""  # what the pool was read from (recorded in info)
+        self.regularisation_cursor = 0  # next unused text of the pool: each is used once until it runs out
         self.cache_bytes = 0
         self.n_examples: dict[str, int] = {}
 
+    @property
+    def regularisation_text(self) -> str:
+        """What the regularisation chunks are cut from, as configured (the reference: SlimPajama-6B)."""
+        cfg = self.regularisation_cfg
+        if cfg["source"] == "model":
+            return "model samples"
+        paths = [cfg["path"]] if isinstance(cfg["path"], str) else list(cfg["path"] or [])
+        names = ", ".join(Path(p).parent.name + "/" + Path(p).name for p in paths)
+        return names + (" (else model samples)" if cfg["source"] == "auto" else "")
+
+    def reference_deviations(self) -> dict[str, str]:
+        current = {"update": self.update_cfg, "regularisation": self.regularisation_cfg}
+        deviations = {}
+        for knob, ref in self.reference.items():
+            head, _, rest = knob.partition(".")
+            value = getattr(self, head) if not rest else _dotted(current[head], rest)
+            same = sorted(value) == sorted(ref) if isinstance(ref, list) and isinstance(value, list) else value == ref
+            if not same:
+                deviations[knob] = f"{value!r} (reference: {ref!r})"
+        return deviations
+
     # ------------------------------------------------------------------ data
     def prepare(self, training_knowledge: Sequence[Knowledge]) -> None:
-        """Draw the regularisation pool once, from the untouched model (or read it from a file)."""
-        if self.regularisation_ratio > 0 and not self.regularisation_pool:
-            self.regularisation_pool = [ids for ids in map(self.lm.encode, self._regularisation_texts()) if ids]
-            if not self.regularisation_pool:
+        """Read the regularisation pool once (general text, or samples of the untouched model)."""
+        if self.regularisation_per_sentence > 0 and not self.regularisation_pool:
+            texts = self._regularisation_pool()
+            if not texts:
                 raise KBenchError("the regularisation source gave no text; set method.regularisation_per_sentence=0")
+            order = list(range(len(texts)))
+            random.Random(self.regularisation_cfg["seed"]).shuffle(order)  # one fixed order per source
+            self.regularisation_pool = [texts[i] for i in order]
+
+    def _regularisation_documents(self) -> list[list[str]] | None:
+        """The general-text documents (sentences each) of `path`; None when source=auto finds no file."""
+        cfg = self.regularisation_cfg
+        if cfg["source"] == "model":
+            return None
+        paths = [cfg["path"]] if isinstance(cfg["path"], str) else list(cfg["path"] or [])
+        found = general_text.available(paths)
+        if not found and cfg["source"] == "file":
+            raise KBenchError(f"method.regularisation.path: no such file: {', '.join(map(str, paths))}")
+        self.regularisation_source = ", ".join(map(str, found))
+        return [doc for path in found for doc in general_text.read_texts(path, cfg["min_words"])] if found else None
 
     def _regularisation_texts(self) -> list[str]:
+        """The file's texts as strings (one per document), read without the model."""
+        return [" ".join(doc) for doc in self._regularisation_documents() or []]
+
+    def _regularisation_pool(self) -> list[list[int]]:
         cfg = self.regularisation_cfg
-        if cfg["source"] == "file":
-            if str(cfg["path"]).endswith(".jsonl"):
-                fmt = 'JSON lines {"text": <string>}'
-                rows = read_jsonl_numbered(cfg["path"], required=("text",), expected_format=fmt)
-                texts = [text_field(row, "text", where, fmt) for where, row in rows]
-            else:
-                texts = [line for _, line in read_lines(cfg["path"], "one text per line")]
-            # an empty line or text is no regularisation text: skipped, not trained on as ""
-            return [text for text in texts if text.strip()][: cfg["n_texts"]]
-        key = stable_hash([self.lm.name, cfg])
+        documents = self._regularisation_documents()
+        if documents is not None:
+            return general_text.chunks(documents, self.lm.encode, cfg["max_tokens"])
+        if cfg["source"] == "auto":
+            paths = [cfg["path"]] if isinstance(cfg["path"], str) else list(cfg["path"] or [])
+            log.warning("SELF-PARAM: no general-text file (%s); regularising on %d texts sampled from the model "
+                        "instead (method.regularisation.source=model)", ", ".join(paths), cfg["n_texts"])
+        self.regularisation_source = "model samples"
+        return [ids for ids in map(self.lm.encode, self._model_samples()) if ids]
+
+    def _model_samples(self) -> list[str]:
+        cfg = self.regularisation_cfg
+        key = stable_hash([self.lm.name, {k: cfg[k] for k in ("n_texts", "max_tokens", "temperature", "seed")}])
         path = cache_dir("regularisation") / f"{key}.json"
         if path.is_file():
+            note_input(path)
             return read_json(path, "a cached JSON list of texts")
         spec = GenerationSpec(max_new_tokens=cfg["max_tokens"], stop=())
         texts: list[str] = []
@@ -163,30 +230,39 @@ class SelfParam(FineTuneMethod):
         note_input(path)  # what later runs read from the cache: part of this run's inputs too
         return texts
 
-    def _pairs(self, item: Knowledge) -> list[tuple[list[int], list[int], list[int], str]]:
-        """(teacher prefix, student prefix, target, kind) for every target sentence of one context."""
+    def _next_regularisation(self) -> list[int]:
+        """The next unused text of the pool (the reference reads a fresh document per QA step)."""
+        text = self.regularisation_pool[self.regularisation_cursor % len(self.regularisation_pool)]
+        self.regularisation_cursor += 1
+        if self.regularisation_cursor == len(self.regularisation_pool) + 1:
+            log.warning("SELF-PARAM: the regularisation pool (%d texts) is used up; reusing it from the start",
+                        len(self.regularisation_pool))
+        return text
+
+    def _pairs(self, item: Knowledge) -> list[tuple[list[int], list[int], list[int], str, int]]:
+        """(teacher prefix, student prefix, target, kind, group) for every target sentence of one context;
+        a continuation or regularisation sentence joins the group of a QA sentence, round-robin."""
         start, context = self.lm.start_ids, self.lm.context_ids(item.context)
-        qa = [self.lm.encode(s) for s in self.sentences(item, self.lm)]
-        pairs = [(start + context, list(start), s, "qa") for s in qa if s]
+        qa = [ids for ids in (self.lm.encode(s) for s in self.sentences(item, self.lm)) if ids]
+        pairs = [(start + context, list(start), s, "qa", i) for i, s in enumerate(qa)]
         raw = self.lm.encode(item.context)
-        for _ in range(round(len(qa) * self.continuation_ratio) if len(raw) > 2 else 0):
+        for i in range(round(len(qa) * self.continuation_per_sentence) if len(raw) > 2 else 0):
             cut = self.rng.randint(1, len(raw) - 2)
-            pairs.append((start + raw[:cut], list(start), raw[cut:], "continuation"))
-        for _ in range(round(len(qa) * self.regularisation_ratio)):
-            text = self.rng.choice(self.regularisation_pool)
-            pairs.append((start + context if self.context_on_regularisation else list(start), list(start), text,
-                          "regularisation"))
+            pairs.append((start + raw[:cut], list(start), raw[cut:], "continuation", i % max(len(qa), 1)))
+        for i in range(round(len(qa) * self.regularisation_per_sentence)):
+            pairs.append((start + context if self.context_on_regularisation else list(start), list(start),
+                          self._next_regularisation(), "regularisation", i % max(len(qa), 1)))
         if not start:  # no BOS: the first target token has nothing to be predicted from, in both views
-            pairs = [(t + s[:1], p + s[:1], s[1:], k) for t, p, s, k in pairs if len(s) > 1]
+            pairs = [(t + s[:1], p + s[:1], s[1:], k, g) for t, p, s, k, g in pairs if len(s) > 1]
         return pairs
 
     @torch.inference_mode()
-    def _teacher_cache(self, pairs: list[tuple[list[int], list[int], list[int], str]]) -> list[DistillExample]:
+    def _teacher_cache(self, pairs: list[tuple[list[int], list[int], list[int], str, int]]) -> list[DistillExample]:
         examples: list[DistillExample] = []
         self.cache_bytes = 0
         with self.weights.teacher_mode(use_base=self.teacher == "base"):
             for chunk in self.lm.batches(pairs, desc="teacher", size=self.teacher_batch_size):
-                batch = self.lm.collate([(teacher, target) for teacher, _, target, _ in chunk])
+                batch = self.lm.collate([(teacher, target) for teacher, _, target, _, _ in chunk])
                 logprobs = torch.log_softmax(self.lm.target_logits(batch), dim=-1)
                 lengths = batch.target_lengths  # computed on the host while collating: no sync
                 if self.teacher_top_k:
@@ -195,21 +271,27 @@ class SelfParam(FineTuneMethod):
                     parts = zip(top.split(lengths), index.split(lengths), rest.split(lengths))
                 else:  # full rows (V wide: ~1 MiB per token at Gemma's 262k) wait in host memory, not on the GPU
                     parts = ((lp, None, None) for lp in logprobs.to("cpu").split(lengths))
-                for (_, prefix, target, kind), (lp, ix, rs) in zip(chunk, parts):
-                    examples.append(DistillExample((prefix, target), lp.clone(), _clone(ix), _clone(rs), kind))
+                for (_, prefix, target, kind, group), (lp, ix, rs) in zip(chunk, parts):
+                    examples.append(DistillExample((prefix, target), lp.clone(), _clone(ix), _clone(rs), kind, group))
                     self.cache_bytes += sum(t.numel() * t.element_size() for t in (lp, ix, rs) if t is not None)
         return examples
 
     # ------------------------------------------------------------------ training
     def training_examples(self, knowledge: Sequence[Knowledge]) -> list[DistillExample]:
         self.prepare([])  # no-op when the runner already called it
-        pairs = [pair for item in knowledge for pair in self._pairs(item)]
+        pairs = []
+        for n, item in enumerate(knowledge):  # group ids unique across the contexts of one injection
+            pairs += [(t, p, s, k, g + n * 1_000_000) for t, p, s, k, g in self._pairs(item)]
         examples = self._teacher_cache(pairs)  # before any update: the teacher is the current model
         self.n_examples = {k: sum(e.kind == k for e in examples) for k in ("qa", "continuation", "regularisation")}
         return examples
 
+    def example_groups(self, examples: list[DistillExample]) -> list[int] | None:
+        return [e.group for e in examples] if self.interleave else None
+
     def loss(self, examples: list[DistillExample]) -> tuple[torch.Tensor, int]:
-        """Summed per-token KL(teacher ‖ student) over a mini-batch of student sequences, and the token count."""
+        """Summed KL(teacher ‖ student) over a mini-batch of student sequences, per token or per sentence
+        (`loss_average`, `core.training.reduce_loss`), and what it is averaged over."""
         batch = self.lm.collate([e.student for e in examples])
         logits = self.lm.target_logits(batch)
         device = logits.device
@@ -220,11 +302,11 @@ class SelfParam(FineTuneMethod):
             kl = distill_kl(logits, teacher, index, rest)
         else:
             kl = distill_kl(logits, teacher)
-        return kl.sum(), kl.numel()
+        return reduce_loss(kl, [len(e.student[1]) for e in examples], self.loss_average)
 
     def save_state(self, directory: Path) -> bool:
         super().save_state(directory)  # weights and losses
-        state = {"rng": self.rng.getstate(), "n_examples": self.n_examples}
+        state = {"rng": self.rng.getstate(), "n_examples": self.n_examples, "regularisation_cursor": self.regularisation_cursor}
         atomic_write_json(Path(directory) / "selfparam.json", state)
         return True
 
@@ -234,12 +316,22 @@ class SelfParam(FineTuneMethod):
         version, internal, gauss = state["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
         self.n_examples = state["n_examples"]
+        self.regularisation_cursor = state.get("regularisation_cursor", 0)
 
     def info(self) -> dict[str, Any]:
         return super().info() | {
             "teacher_cache_bytes": self.cache_bytes,
             "examples_per_injection": self.n_examples,
+            "regularisation_source": self.regularisation_source,
+            "regularisation_texts_used": self.regularisation_cursor,
+            "regularisation_pool": len(self.regularisation_pool),
         }
+
+
+def _dotted(options: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        options = options[part]
+    return options
 
 
 def _clone(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,19 +1,31 @@
 """Where target sentences come from ("Question: ...\\nAnswer: ...\\n"), shared by FT(S) and SELF-PARAM.
 
-- `TaskSentences`: the task's own training QA (synthetic data has them; PwC does not).
+- `TaskSentences`: the task's own training QA (synthetic data has them; PwC does not). With `n_pairs > 0`
+  a context of the synthetic world gets `n_pairs` unique pairs rendered by its generator
+  (`tasks.synthetic.world_pairs`: paraphrases, two-fact questions, short and sentence answers, never a
+  test phrasing) instead of its few training phrasings; FT(S) and SELF-PARAM then train on the same pairs.
 - `LocalGenerator`: a local model with a few-shot prompt ending in "Question:" samples questions
   about the context, then answers each greedily with the context in view (the paper's ablation: a
   model of the same family suffices). By default the model under test itself generates.
 - `OpenAIGenerator`: any OpenAI-compatible chat endpoint (`api_base`, key from an environment
   variable; the paper used gpt-4o-mini). The key is read from the environment and never stored.
-- `AutoSentences`: the task's sentences when it has them, else the local generator.
+- `AutoSentences`: world pairs / the task's sentences when it has them, else the local generator.
 
-Generated sentences are cached under `$KBENCH_CACHE/sentences/`, keyed by the context and the
-generator's configuration, so a sweep generates each context's sentences once.
+Generated pairs are deduplicated (one answer per question, compared case- and space-insensitively) and
+filtered by the teacher: a pair is kept only if the model under test *with the context in front* gives its
+answer a geometric-mean token probability of at least `min_answer_prob` (default 0.1, i.e. on average at
+least one chance in ten per answer token). SELF-PARAM distils the teacher's distribution over the whole
+sentence, so a pair whose answer the teacher itself would not give (another model's hallucination, or an
+answer worded unlike anything the teacher would say) asks the student to copy a teacher that disowns the
+text; FT(S) trained on it would learn an answer the context does not support. The generator may be another
+model (`model_name_or_path`, e.g. SmolLM2-135M-Instruct) or an endpoint, so the check is not circular.
+Generated sentences are cached under `$KBENCH_CACHE/sentences/`, keyed by the context, the generator's
+configuration and the filter (teacher model, threshold), so a sweep generates each context's sentences once.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from abc import ABC, abstractmethod
@@ -25,7 +37,9 @@ from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_
 from core.lm import LM
 from core.progress import progress
 from core.options import ConfigError, checked
-from core.types import GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, PositiveFloat, PositiveInt
+from core.types import (
+    GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +63,26 @@ class SentenceSource(ABC):
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]: ...
 
 
+def world_sentences(knowledge: Knowledge, n_pairs: int, template: str) -> list[str] | None:
+    """`n_pairs` unique pairs of a synthetic-world context as sentences; None when there are none to render."""
+    if not n_pairs:
+        return None
+    from tasks.synthetic import world_pairs  # the world's question forms live with its generator
+
+    pairs = world_pairs(knowledge, n_pairs)
+    return None if pairs is None else [template.format(question=q, answer=a) for q, a in pairs]
+
+
 class TaskSentences(SentenceSource):
+    @checked("method.sentences")
+    def __init__(self, n_pairs: NonNegativeInt = 0,
+                 sentence_template: str = "Question: {question}\nAnswer: {answer}\n") -> None:
+        self.n_pairs, self.sentence_template = n_pairs, sentence_template
+
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]:
+        world = world_sentences(knowledge, self.n_pairs, self.sentence_template)
+        if world is not None:
+            return world
         if not knowledge.train_sentences:
             raise KBenchError(
                 f"knowledge {knowledge.id!r} comes with no training sentences from its task; "
@@ -62,20 +94,31 @@ class TaskSentences(SentenceSource):
 class _CachedGenerator(SentenceSource):
     """Caching and formatting shared by the generators; subclasses produce raw QA pairs."""
 
-    def __init__(self, n_sentences: int, sentence_template: str, max_attempts: int, seed: int) -> None:
+    def __init__(self, n_sentences: int, sentence_template: str, max_attempts: int, seed: int,
+                 min_answer_prob: float = 0.1) -> None:
         if "{question}" not in sentence_template or "{answer}" not in sentence_template:
             # without {answer} every sentence would train the question alone, silently
             raise ConfigError(f"method.sentences.sentence_template: must contain {{question}} and {{answer}}, "
                               f"got {sentence_template!r}")
         self.n_sentences, self.sentence_template = n_sentences, sentence_template
-        self.max_attempts, self.seed = max_attempts, seed
+        self.max_attempts, self.seed, self.min_answer_prob = max_attempts, seed, min_answer_prob
+        self.kept = self.generated = 0  # pairs kept by the teacher filter / unique pairs generated (last context)
 
     @abstractmethod
     def identity(self, lm: LM) -> dict[str, Any]:
-        """Everything that changes what is generated (the cache key, minus the context)."""
+        """Everything that changes what is generated and kept (the cache key, minus the context)."""
 
     @abstractmethod
     def generate_pairs(self, context: str, lm: LM, attempt: int) -> list[tuple[str, str]]: ...
+
+    def teacher_filter(self, pairs: list[tuple[str, str]], context: str, lm: LM) -> list[tuple[str, str]]:
+        """The pairs whose answer the model under test, reading `context`, finds probable enough."""
+        if not self.min_answer_prob or not pairs:
+            return pairs
+        scores = lm.score([(lm.prompt_ids(f"Question: {q}\nAnswer:", context=context), lm.encode(" " + a))
+                           for q, a in pairs])
+        floor = math.log(self.min_answer_prob)
+        return [pair for pair, score in zip(pairs, scores) if score.logprob / max(score.n_tokens, 1) >= floor]
 
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]:
         key = stable_hash([knowledge.context, self.identity(lm)])
@@ -87,22 +130,34 @@ class _CachedGenerator(SentenceSource):
             # a cache entry edited or cut short by hand must not become empty or non-text training targets
             log.warning("%s is not a list of non-empty sentences; generating them again", path)
         pairs: list[tuple[str, str]] = []
+        seen: set[str] = set()  # questions already generated (kept or not), normalised
+        self.kept = self.generated = 0
         # each attempt samples and answers a batch: seconds on CPU, so a sweep's first run shows it
         with progress(total=self.n_sentences, desc=f"sentences for {knowledge.id}") as bar:
             for attempt in range(self.max_attempts):
-                new = [p for p in self.generate_pairs(knowledge.context, lm, attempt) if p not in pairs]
+                new = []
+                for question, answer in self.generate_pairs(knowledge.context, lm, attempt):
+                    norm = " ".join(question.lower().split())
+                    if norm not in seen:
+                        seen.add(norm)
+                        new.append((question, answer))
+                self.generated += len(new)
+                new = self.teacher_filter(new, knowledge.context, lm)
                 pairs += new
                 bar.update(min(len(new), max(self.n_sentences - bar.n, 0)))
                 bar.set_postfix(attempt=f"{attempt + 1}/{self.max_attempts}")
                 if len(pairs) >= self.n_sentences:
                     break
+        self.kept = len(pairs)
         if not pairs:
             raise KBenchError(
-                f"{type(self).__name__} produced no 'Question: ... Answer: ...' pair for {knowledge.id!r} "
-                f"in {self.max_attempts} attempts; try another generator model or sentences=openai"
+                f"{type(self).__name__} produced no 'Question: ... Answer: ...' pair for {knowledge.id!r} that "
+                f"the teacher accepts (min_answer_prob={self.min_answer_prob}) in {self.max_attempts} attempts "
+                f"({self.generated} generated); try another generator model, sentences=openai or a lower threshold"
             )
         if len(pairs) < self.n_sentences:
-            log.warning("only %d of %d sentences generated for %s", len(pairs), self.n_sentences, knowledge.id)
+            log.warning("only %d of %d sentences for %s (%d unique pairs generated, %d kept by the teacher filter)",
+                        len(pairs), self.n_sentences, knowledge.id, self.generated, len(pairs))
         sentences = [self.sentence_template.format(question=q, answer=a) for q, a in pairs[: self.n_sentences]]
         atomic_write_json(path, sentences)
         note_input(path)  # what later runs read from the cache: part of this run's inputs too
@@ -124,8 +179,9 @@ class LocalGenerator(_CachedGenerator):
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
         max_attempts: PositiveInt = 10,
         seed: int = 0,
+        min_answer_prob: UnitFloat = 0.1,
     ) -> None:
-        super().__init__(n_sentences, sentence_template, max_attempts, seed)
+        super().__init__(n_sentences, sentence_template, max_attempts, seed, min_answer_prob)
         if "{context}" not in prompt or not prompt.rstrip().endswith("Question:"):
             raise ValueError("sentences.prompt must contain '{context}' and end with 'Question:'")
         self.prompt = prompt.rstrip()
@@ -153,6 +209,7 @@ class LocalGenerator(_CachedGenerator):
             "n": self.n_sentences,
             "decode": [self.question_spec, self.answer_spec, self.samples, self.temperature, self.top_p, self.seed],
             "template": self.sentence_template,
+            "filter": [self.min_answer_prob, lm.name],  # the teacher that keeps or drops each pair
         }
 
     def generate_pairs(self, context: str, lm: LM, attempt: int) -> list[tuple[str, str]]:
@@ -181,8 +238,9 @@ class OpenAIGenerator(_CachedGenerator):
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
         max_attempts: PositiveInt = 10,
         seed: int = 0,
+        min_answer_prob: UnitFloat = 0.1,
     ) -> None:
-        super().__init__(n_sentences, sentence_template, max_attempts, seed)
+        super().__init__(n_sentences, sentence_template, max_attempts, seed, min_answer_prob)
         if not api_base:
             raise KBenchError("sentences=openai needs sentences.api_base (e.g. https://api.openai.com/v1)")
         if not os.environ.get(api_key_env):
@@ -192,7 +250,8 @@ class OpenAIGenerator(_CachedGenerator):
 
     def identity(self, lm: LM) -> dict[str, Any]:
         return {"source": "openai", "api_base": self.api_base, "model": self.model, "prompt": self.prompt,
-                "n": self.n_sentences, "temperature": self.temperature, "template": self.sentence_template}
+                "n": self.n_sentences, "temperature": self.temperature, "template": self.sentence_template,
+                "filter": [self.min_answer_prob, lm.name]}
 
     def generate_pairs(self, context: str, lm: LM, attempt: int) -> list[tuple[str, str]]:
         try:
@@ -210,12 +269,16 @@ class OpenAIGenerator(_CachedGenerator):
 
 
 class AutoSentences(SentenceSource):
-    """The task's own sentences when it provides them, else the local generator."""
+    """`n_pairs` world pairs (synthetic contexts), else the task's own sentences, else the local generator."""
 
-    def __init__(self, generator: SentenceSource) -> None:
-        self.generator = generator
+    def __init__(self, generator: SentenceSource, n_pairs: NonNegativeInt = 0,
+                 sentence_template: str = "Question: {question}\nAnswer: {answer}\n") -> None:
+        self.generator, self.n_pairs, self.sentence_template = generator, n_pairs, sentence_template
 
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]:
+        world = world_sentences(knowledge, self.n_pairs, self.sentence_template)
+        if world is not None:
+            return world
         if knowledge.train_sentences:
             return list(knowledge.train_sentences)
         return self.generator(knowledge, lm)

@@ -3,7 +3,10 @@
 Each context is a short paragraph about one invented entity (a town, person, invention, company or
 river) stating `facts_per_context` facts. Every fact has question paraphrases split into two disjoint
 pools: *training* phrasings (the task's own target sentences for FT(S) / SELF-PARAM) and *test*
-phrasings (the held-out questions). Names are built from random syllables, so no model can know them;
+phrasings (the held-out questions). `train_pairs_per_context = N > 0` replaces the few training
+phrasings by N unique QA pairs per context (`qa_pairs`: prefixed paraphrases, questions combining two
+facts, answers in short and in sentence form; never a test phrasing), the scale of the SELF-PARAM paper's
+~500 generated pairs per context. Names are built from random syllables, so no model can know them;
 a model reading the paragraph can. `python -m tasks.synthetic --out FILE` writes the data in the PwC
 format (`input`, `prompt`, `answer` per line). `probes` adds side-effect probe families (near-miss
 questions, drift; `tasks/probes.py`, docs/side_effects.md); the default `[qa]` asks the questions alone.
@@ -174,14 +177,76 @@ class Fact:
         return {"subject": self.subject, "relation": self.relation.name, "value": self.value}
 
 
+# Question forms of the training pairs (`qa_pairs`). Only *training* phrasings are ever wrapped or combined,
+# so a held-out test phrasing never appears in a training pair (tests/test_pairs.py checks it).
+ASK_PREFIXES = ("", "Quick question: ", "Here is a question about {s}. ", "I have a question. ", "Tell me this: ",
+                "Please answer: ")
+COMBINED = ("{q1} And {q2}", "Two questions. First: {q1} Second: {q2}", "Answer both. {q1} {q2}")
+
+
+def qa_pairs(facts: Sequence[Fact], n: int, seed: str) -> list[tuple[str, str]]:
+    """`n` unique (question, answer) pairs about one context's facts, deterministic in `seed`.
+
+    Single-fact pairs: every training phrasing under every prefix of `ASK_PREFIXES`, answered in short form
+    (the value) and in sentence form (the fact's statement). Two-fact pairs: two training phrasings about
+    different facts joined by a form of `COMBINED`, answered "v1; v2" or with both statements. The list
+    alternates single and two-fact pairs (single ones round-robin over the facts) so any prefix covers every
+    fact. Raises ValueError when fewer than `n` unique pairs exist."""
+    rng = random.Random(seed)
+
+    def asked(fact: Fact) -> list[tuple[str, str]]:
+        statement = fact.relation.statement.format(s=fact.subject, v=fact.value)
+        forms = [(prefix.format(s=fact.subject) + q.format(s=fact.subject), answer)
+                 for q in fact.relation.train_questions for prefix in ASK_PREFIXES for answer in (fact.value, statement)]
+        rng.shuffle(forms)
+        return forms
+
+    per_fact = [asked(fact) for fact in facts]
+    single = [pair for group in zip(*per_fact) for pair in group]  # round-robin over the facts
+    combined = []
+    for first in facts:
+        for second in facts:
+            if first is second:
+                continue
+            statements = [f.relation.statement.format(s=f.subject, v=f.value) for f in (first, second)]
+            for q1 in first.relation.train_questions:
+                for q2 in second.relation.train_questions:
+                    for form in COMBINED:
+                        question = form.format(q1=q1.format(s=first.subject), q2=q2.format(s=second.subject))
+                        combined.append((question, f"{first.value}; {second.value}"))
+                        combined.append((question, " ".join(statements)))
+    rng.shuffle(combined)
+    merged = [pair for both in zip(single, combined) for pair in both]
+    merged += single[len(combined):] + combined[len(single):]
+    unique = list(dict.fromkeys(merged))
+    if len(unique) < n:
+        raise ValueError(f"task.train_pairs_per_context={n}: only {len(unique)} unique pairs exist for "
+                         f"{len(facts)} facts (raise task.facts_per_context or lower the count)")
+    return unique[:n]
+
+
+def world_pairs(knowledge: Knowledge, n: int) -> list[tuple[str, str]] | None:
+    """`qa_pairs` for a context of this world (its `meta` names the kind and the facts), the same pairs the
+    task gives with `train_pairs_per_context = n`; None for knowledge from elsewhere."""
+    kind, facts = knowledge.meta.get("kind"), knowledge.meta.get("facts")
+    if kind not in KINDS or not facts or not all(isinstance(f, dict) and "relation" in f for f in facts):
+        return None
+    relations = {relation.name: relation for relation in KINDS[kind][1]}
+    return qa_pairs([Fact(f["subject"], relations[f["relation"]], f["value"]) for f in facts], n,
+                    seed=f"pairs/{knowledge.id}")
+
+
 def generate_items(
     n_contexts: int,
     facts_per_context: int,
     train_questions_per_fact: int,
     seed: int,
     sentence_template: str,
+    pairs_per_context: int = 0,
 ) -> list[QAItem]:
-    """Deterministic in `seed`: the same arguments always give the same contexts and questions."""
+    """Deterministic in `seed`: the same arguments always give the same contexts and questions.
+    `pairs_per_context > 0`: the training sentences are that many unique pairs (`qa_pairs`) instead of
+    `train_questions_per_fact` phrasings per fact; the contexts and test questions do not change."""
     rng = random.Random(seed)
     kinds = sorted(KINDS)
     items, used_subjects = [], set()
@@ -195,11 +260,11 @@ def generate_items(
         chosen = rng.sample(relations, min(facts_per_context, len(relations)))
         facts = [Fact(subject, relation, _value(relation.value, rng)) for relation in chosen]
         context = " ".join([intro.format(s=subject)] + [f.relation.statement.format(s=subject, v=f.value) for f in facts])
-        sentences = tuple(
-            sentence_template.format(question=q.format(s=subject), answer=f.value)
-            for f in facts
-            for q in f.relation.train_questions[:train_questions_per_fact]
-        )
+        if pairs_per_context:  # an rng of its own: the contexts stay those of the same seed without pairs
+            pairs = qa_pairs(facts, pairs_per_context, seed=f"pairs/syn{seed}-{index}")
+        else:
+            pairs = [(q.format(s=subject), f.value) for f in facts for q in f.relation.train_questions[:train_questions_per_fact]]
+        sentences = tuple(sentence_template.format(question=q, answer=a) for q, a in pairs)
         questions = tuple((q.format(s=subject), (f.value,)) for f in facts for q in f.relation.test_questions)
         knowledge = Knowledge(
             id=f"syn{seed}-{index}",
@@ -222,6 +287,7 @@ class SyntheticTask(ContextQATask):
         n_contexts: PositiveInt = 6,
         facts_per_context: PositiveInt = 4,
         train_questions_per_fact: NonNegativeInt = 3,
+        train_pairs_per_context: NonNegativeInt = 0,
         data_seed: int = 0,
         sentence_template: str = "Question: {question}\nAnswer: {answer}\n",
         n_train_contexts: NonNegativeInt = 0,
@@ -237,6 +303,7 @@ class SyntheticTask(ContextQATask):
             raise ValueError(f"task.train_questions_per_fact must be in [0, {max_train}]")
         self.n_contexts, self.facts_per_context = n_contexts, facts_per_context
         self.train_questions_per_fact, self.data_seed = train_questions_per_fact, data_seed
+        self.train_pairs_per_context = train_pairs_per_context
         self.sentence_template = sentence_template
         if n_train_contexts and train_data_seed == data_seed:
             raise ValueError("task.train_data_seed must differ from task.data_seed (the training split must be held out)")
@@ -250,7 +317,8 @@ class SyntheticTask(ContextQATask):
 
     def load_items(self) -> list[QAItem]:
         return generate_items(
-            self.n_contexts, self.facts_per_context, self.train_questions_per_fact, self.data_seed, self.sentence_template
+            self.n_contexts, self.facts_per_context, self.train_questions_per_fact, self.data_seed, self.sentence_template,
+            self.train_pairs_per_context,
         )
 
     # ------------------------------------------------------------------ side-effect probes (task.probes)

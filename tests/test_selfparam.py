@@ -28,7 +28,8 @@ def total_kl(method, examples) -> float:
 
 def test_kl_is_zero_when_teacher_and_student_see_the_same_input(tiny_lm):
     # no context anywhere: teacher = student input; a fresh adapter (B = 0) leaves the model unchanged
-    method = make(tiny_lm, regularisation_per_sentence=1.0, context_on_regularisation=False)
+    method = make(tiny_lm, regularisation_per_sentence=1.0, context_on_regularisation=False,
+                  regularisation={"source": "model", "n_texts": 4})
     method.prepare([])
     examples = method._teacher_cache([p for p in method._pairs(FACT) if p[3] == "regularisation"])
     method.weights.begin()
@@ -82,10 +83,10 @@ def test_continuation_and_regularisation_sentences(tiny_lm):
     knowledge = Knowledge(id="k", context="Velmora is a town on the Orvane river, founded in 1742.",
                           train_sentences=("Question: Who?\nAnswer: Ada\n",))
     pairs = method._pairs(knowledge)
-    kinds = [kind for *_, kind in pairs]
+    kinds = [kind for *_, kind, _ in pairs]
     assert kinds.count("qa") == 1 and kinds.count("continuation") == 2 and kinds.count("regularisation") == 1
     raw = tiny_lm.encode(knowledge.context)
-    for teacher, student, target, kind in pairs:
+    for teacher, student, target, kind, _ in pairs:
         assert student == tiny_lm.start_ids
         if kind == "continuation":  # the teacher reads the context prefix, the student only the suffix
             assert teacher[len(tiny_lm.start_ids):] + target == raw
@@ -95,12 +96,12 @@ def test_continuation_and_regularisation_sentences(tiny_lm):
 
 def test_regularisation_pool_is_sampled_once_and_cached(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setenv("KBENCH_CACHE", str(tmp_path))
-    method = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"n_texts": 5, "max_tokens": 8})
+    method = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"source": "model", "n_texts": 5, "max_tokens": 8})
     method.prepare([])
     assert len(method.regularisation_pool) >= 4  # an empty sample is dropped
     cached = list((tmp_path / "regularisation").glob("*.json"))
     assert len(cached) == 1
-    again = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"n_texts": 5, "max_tokens": 8})
+    again = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"source": "model", "n_texts": 5, "max_tokens": 8})
     again.prepare([])
     assert again.regularisation_pool == method.regularisation_pool
 
@@ -110,7 +111,8 @@ def test_regularisation_from_a_file(tiny_lm, tmp_path):
     texts.write_text('{"text": "Rivers flow to the sea."}\n{"text": "Bread is baked in ovens."}\n')
     method = make(tiny_lm, regularisation_per_sentence=1.0, regularisation={"source": "file", "path": str(texts)})
     method.prepare([])
-    assert method.regularisation_pool == [tiny_lm.encode("Rivers flow to the sea."), tiny_lm.encode("Bread is baked in ovens.")]
+    expected = [tiny_lm.encode("Rivers flow to the sea."), tiny_lm.encode("Bread is baked in ovens.")]
+    assert sorted(method.regularisation_pool) == sorted(expected)  # in one seeded order of its own
 
 
 def test_merge_matches_the_adapter_and_frees_storage(tiny_lm):
