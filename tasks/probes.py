@@ -36,7 +36,7 @@ from metrics import editing, qa
 from metrics import side_effects as metrics
 from tasks.base import ProbeResult, mean_metrics
 from tasks.context_qa import ContextQATask, QAItem
-from tasks.synthetic import KINDS, Relation, SyntheticTask, _value, _word
+from tasks.synthetic import KINDS, Fact, Relation, SyntheticTask, _value, _word, qa_pairs
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,10 @@ def near_miss_probes(item: QAItem, prompt_template: str, seed: int, taken: set[s
     return probes
 
 
-def update_item(original: QAItem, seed: int, sentence_template: str, train_questions_per_fact: int) -> QAItem:
+def update_item(original: QAItem, seed: int, sentence_template: str, train_questions_per_fact: int,
+                pairs_per_context: int = 0) -> QAItem:
     """A context that re-states every fact of `original` with a new value, with its training sentences
+    (as many unique pairs as the originals have when `pairs_per_context > 0`, `tasks.synthetic.qa_pairs`)
     and its test questions (the original's questions, new gold)."""
     kind, facts = _facts(original, "conflict")
     relations = _relations(kind)
@@ -197,10 +199,13 @@ def update_item(original: QAItem, seed: int, sentence_template: str, train_quest
     named = ("the " + subject) if KINDS[kind][0].startswith("The {s}") else subject
     new_facts = [fact | {"value": _fresh_value(relations[fact["relation"]].value, rng, [fact["value"]])} for fact in facts]
     statements = [relations[f["relation"]].statement.format(s=subject, v=f["value"]) for f in new_facts]
-    sentences = tuple(
-        sentence_template.format(question=question.format(s=subject), answer=f["value"])
-        for f in new_facts for question in relations[f["relation"]].train_questions[:train_questions_per_fact]
-    )
+    if pairs_per_context:
+        pairs = qa_pairs([Fact(subject, relations[f["relation"]], f["value"]) for f in new_facts], pairs_per_context,
+                         seed=f"pairs/{original.knowledge.id}-update")
+    else:
+        pairs = [(question.format(s=subject), f["value"])
+                 for f in new_facts for question in relations[f["relation"]].train_questions[:train_questions_per_fact]]
+    sentences = tuple(sentence_template.format(question=q, answer=a) for q, a in pairs)
     asked = [(question.format(s=subject), old["value"], new["value"]) for old, new in zip(facts, new_facts)
              for question in relations[new["relation"]].test_questions]
     questions = tuple((question, (new,)) for question, _, new in asked)
@@ -269,8 +274,8 @@ class SideEffectProbes:
         if not isinstance(source, SyntheticTask):
             raise DataError(f"conflict probes need generated facts to update (task.source = synthetic), "
                             f"not {type(source).__name__}")
-        updates = [update_item(item, self.seed, source.sentence_template, source.train_questions_per_fact)
-                   for item in originals]
+        updates = [update_item(item, self.seed, source.sentence_template, source.train_questions_per_fact,
+                               source.train_pairs_per_context) for item in originals]
         for update in updates:  # probe ids as ContextQATask.probes_of numbers them
             for index, (old, (_, golds)) in enumerate(zip(update.knowledge.meta["previous_answers"], update.questions)):
                 self.conflicts[f"{update.knowledge.id}/q{index}"] = (old, golds[0])
