@@ -203,17 +203,18 @@ CASES: list[Case] = [
          of(config("model=tiny", "method=selfparam", "+method.regularisation.sorce=file")),
          r"^method\.regularisation\.sorce: unknown option; known options: \[.*'source'.*\]$"),
     Case(NESTED, "`method.regularisation.source=web`", of(config("model=tiny", "method=selfparam", "method.regularisation.source=web")),
-         r"^method\.regularisation\.source: expected one of 'model', 'file', got 'web' \(str\)$"),
+         r"^method\.regularisation\.source: expected one of 'auto', 'file', 'model', got 'web' \(str\)$"),
     Case(NESTED, "`method.regularisation.source=file` without a path",
-         of(lambda _: str(build(compose_config("model=tiny", "method=selfparam", "method.regularisation.source=file").method,
+         of(lambda _: str(build(compose_config("model=tiny", "method=selfparam", "method.regularisation.source=file",
+                                               "method.regularisation.path=null").method,
                                 "method", lm=None))),
          r"^method\.regularisation\.path: required when method\.regularisation\.source=file"),
     Case(NESTED, "`+method.sentences.generator.temprature=0.5` (sentence source)",
          of(config(*FT, "+method.sentences.generator.temprature=0.5")),
          r"^method\.sentences\.generator\.temprature: unknown option for methods\.sentences\.LocalGenerator; known options: "),
-    Case(NESTED, "`+method.sentences.n_sentences=3` with `method/sentences=task` (takes no options)",
+    Case(NESTED, "`+method.sentences.n_sentences=3` with `method/sentences=task` (a generator's option)",
          of(config(*FT, "method/sentences=task", "+method.sentences.n_sentences=3")),
-         r"^method\.sentences\.n_sentences: unknown option for methods\.sentences\.TaskSentences; known options: \[\]$"),
+         r"^method\.sentences\.n_sentences: unknown option for methods\.sentences\.TaskSentences; known options: \['n_pairs', 'sentence_template'\]$"),
     Case(NESTED, "`method.sentences.generator.top_p=1.5`", of(config(*FT, "method.sentences.generator.top_p=1.5")),
          r"^method\.sentences\.generator\.top_p: expected float > 0 and <= 1, got 1\.5 \(float\)$"),
     Case(NESTED, "`method.update.lora.target_modules=[]`", of(config(*FT, "method.update.lora.target_modules=[]")),
@@ -466,7 +467,8 @@ def test_a_broken_sentence_cache_entry_is_generated_again(tiny_lm, tmp_path, mon
 
     monkeypatch.setenv("KBENCH_CACHE", str(tmp_path / "cache"))  # after the model is built: only sentences move
     generator = build(compose_config("model=tiny", "method=ft_sentences", "method.sentences.generator.n_sentences=2",
-                                     "method.sentences.generator.max_attempts=2").method.sentences.generator,
+                                     "method.sentences.generator.max_attempts=2",
+                                     "method.sentences.generator.min_answer_prob=0").method.sentences.generator,
                       "method.sentences.generator")
     assert isinstance(generator, LocalGenerator)
     item = Knowledge("k", PWC_OK["input"])
