@@ -30,8 +30,9 @@ update is solved (`MassEditor.layer_update`). For a batch of n edits (prompt, ta
 Architecture (the only departure forced by the model): in Gemma 2/3 the MLP's output passes through a
 `post_feedforward_layernorm` (RMSNorm) before it joins the residual stream, so a residual R is not a
 down-projection output. The residual is mapped through that norm's linearisation at the current output
-y: Δy = R · rms(y) / g (g = the norm's per-channel gain); channels whose gain is 0 (Gemma 3 has such
-channels) and the component along y, which an RMSNorm cannot express, are left out (each layer
+y: Δy = R · rms(y) / g (g = the norm's per-channel gain); channels whose gain is under a tenth of the
+median gain (Gemma 3 has gains of 0 and 0.0015 beside a median of ~5: dividing by them blew one layer's
+update up 500-fold) and the component along y, which an RMSNorm cannot express, are left out (each layer
 re-measures R, so the next layers see what is still missing). Llama-style models have no such
 norm and get the reference's mapping exactly (Δy = R).
 
@@ -514,8 +515,10 @@ class MassEditor(Method):
             y = (weight.float() @ keys.to(weight.device)).float()  # [D_out, n]
             rms = y.pow(2).mean(0, keepdim=True).sqrt()
             gain = norm(torch.ones(1, weight.shape[0], device=weight.device, dtype=weight.dtype)).float()[0]
-        # channels the norm zeroes (Gemma 3 has gain exactly 0 in some: weight = -1) cannot be written: 0
-        reachable = gain.abs() > 1e-6
+        # a channel whose gain is under a tenth of the median one cannot be written within the linearisation
+        # (it would need a >10x typical change of y there, which rescales every channel through rms(y)); Gemma 3
+        # has gains of exactly 0 and of 0.0015 (layer 4) beside a median of ~5: left out, not divided by
+        reachable = gain.abs() >= 0.1 * gain.abs().median()
         inverse = torch.where(reachable, 1.0 / torch.where(reachable, gain, torch.ones_like(gain)), torch.zeros_like(gain))
         return rms * inverse[:, None]
 
