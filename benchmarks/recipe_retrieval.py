@@ -34,11 +34,17 @@ UNSEEN_GENERAL = [
     "What is the main language spoken in Mexico?", "Which metal is liquid at room temperature?",
     "What do bees make?", "What is the square root of 81?",
 ]
+# the earlier CPU variant's knobs (docs/recipe.md): frozen encoder, so features are computed once
+PREVIOUS = dict(train_encoder=False, rep_dim=256, sentinel="feature_vector", head_init="shared_projection",
+                standardise=True, lr=1e-3, max_grad_norm=1.0, similarity="cosine", temperature=20.0,
+                contrastive_negatives=64, retrieval_query="prompt")
 SETTINGS = {
-    "untrained (identical-start heads)": dict(retrieval_epochs=1, lr=0.0),
-    "dot, random-start heads": dict(similarity="dot", temperature=1.0, random_start=True),
-    "dot, identical-start heads": dict(similarity="dot", temperature=1.0),
-    "cosine (default)": dict(),
+    "untrained (identical-start heads)": PREVIOUS | dict(retrieval_epochs=1, lr=1e-12),
+    "dot, random-start heads": PREVIOUS | dict(similarity="dot", temperature=1.0, head_init="random"),
+    "dot, identical-start heads": PREVIOUS | dict(similarity="dot", temperature=1.0),
+    "cosine (previous default)": PREVIOUS,
+    # the reference's retrieval part (trainable encoder, random heads, dot, in-batch negatives), CPU lr
+    "reference, trainable encoder": dict(lr=1e-4),
 }
 
 
@@ -64,22 +70,17 @@ def main() -> None:
           f"retrieval_epochs={args.retrieval_epochs}")
     print(f"{'setting':36s} " + " ".join(f"{name:>14s}" for name in probes) + "   train_s")
     for label, knobs in SETTINGS.items():
-        knobs = dict(knobs)
-        random_start = knobs.pop("random_start", False)
         method = Recipe(lm, epochs=0, cache=False, **({"retrieval_epochs": args.retrieval_epochs} | knobs))
-        encode = method.features
+        if not method.knobs["train_encoder"]:  # a frozen encoder's features are shared by the settings
+            encode = method.features
 
-        def cached(texts, encode=encode):
-            missing = [t for t in dict.fromkeys(texts) if t not in memo]
-            if missing:
-                memo.update(zip(missing, encode(missing)))
-            return torch.stack([memo[t] for t in texts])
+            def cached(texts, grad=False, encode=encode):
+                missing = [t for t in dict.fromkeys(texts) if t not in memo]
+                if missing:
+                    memo.update(zip(missing, encode(missing)))
+                return torch.stack([memo[t] for t in texts])
 
-        method.features = cached
-        if random_start:
-            for head in (method.module.knowledge_head, method.module.query_head):
-                head.project.reset_parameters()
-                head.refine.reset_parameters()
+            method.features = cached
         started = time.perf_counter()
         method.prepare(task.training_knowledge())
         seconds = time.perf_counter() - started

@@ -1,23 +1,29 @@
-"""RECIPE-style lifelong editing: retrieval-augmented continuous prompts with a knowledge sentinel.
+"""RECIPE lifelong editing: retrieval-augmented continuous prompts with a knowledge sentinel.
 
 After Chen et al. 2024, "Lifelong Knowledge Editing for LLMs with Retrieval-Augmented Continuous Prompt
-Learning" (reference code: qizhou000/RECIPE). The LM is never changed; every edit becomes a short
-continuous prompt that is put in front of the queries that retrieve it.
+Learning" (reference code: qizhou000/RECIPE, `editors/recipe/recipe.py`, `editors/recipe/models.py`,
+`train_recipe.py`; read, not copied). The LM is never changed; every edit becomes a short continuous
+prompt that is put in front of the queries that retrieve it.
 
 Pieces (trained once in `prepare`, frozen afterwards):
-- a frozen sentence encoder E (MiniLM by default) gives text features
-  f(x) = [sentence embedding, mean, max, min of the token states] (4 x 384), standardised;
+- a sentence encoder E (MiniLM-L6 by default; the reference fine-tunes RoBERTa-base) gives text features
+  f(x) = [sentence embedding, mean, max, min of the token states] (4 × width), trained with the rest
+  when `train_encoder` (reference);
 - a knowledge head K and a query head Q map features to representations (`rep_dim`), each
   h(f) = W₁f + ReLU(W₂W₁f) (linear + residual ReLU layer, as in the reference);
-- the knowledge sentinel s: a learned feature vector whose representation K(s) is row 0 of the
-  knowledge base; sim(q, k) = Q(q)·K(k) / √rep_dim;
+- the knowledge sentinel s: `sentinel_tokens` learned token states run through the encoder's
+  transformer layers (reference), whose knowledge representation K(f(s)) is row 0 of the knowledge base;
 - the prompt generator P maps a knowledge representation r to `prompt_tokens` vectors of the LM's
   hidden size: P(r) = W₄(r + ReLU(W₃r)) reshaped to [prompt_tokens, hidden].
+sim(q, k) = Q(f(q))·K(f(k)) / √rep_dim (`similarity=dot`, reference) or their cosine.
 
-Editing (`inject`): encode the edit statement (`Knowledge.context`), store K(f(k)) and P(K(f(k))).
-No gradient step. Answering (`answer` / `score`): j* = argmax_j sim(q, k_j) over the stored edits; if
-sim(q, k_j*) > sim(q, s) the prompt P_j* is spliced in after the start token through `inputs_embeds`,
-otherwise the query goes through the untouched model's plain token path (bit-identical outputs).
+Editing (`inject`): encode the edit statement (`Knowledge.context`: "prompt target"), store K(f(k))
+and P(K(f(k))). No gradient step. Answering (`answer` / `score`): j* = argmax_j sim(q, k_j) over the
+stored edits; if sim(q, k_j*) > sim(q, s) the prompt P_j* is spliced in after the start token through
+`inputs_embeds`, otherwise the query goes through the untouched model's plain token path (bit-identical
+outputs). The retrieval query q (`retrieval_query`) is, as in the reference's forward hook, the whole
+text the LM's forward reads (`forward_input`): for a teacher-forced score that is prompt + target
+without its last token, for generation the prompt; `prompt` retrieves on the prompt alone.
 
 Training (`prepare`, on the task's held-out edits: prompt x, target y, rephrases x', locality prompts l
 with their continuations; each training batch of B edits, statement k_i, p_i = P(K(f(k_i)))):
@@ -26,22 +32,24 @@ with their continuations; each training batch of B edits, statement k_i, p_i = P
     L_gen   = the same for a random rephrase x'_i of edit i      (a token is "won" once p(y_t) ≥ h_e · max_other p)
     L_loc   = KL(p_LM(· | l_i) ‖ p(· | BOS, p_i, l_i)) on the locality continuation's positions
     L_q2k   = − log softmax_c(τ sim(q_i, c))[k_i],  c ∈ {s, k_1..k_M}: a query (prompt or rephrase at random)
-              is pulled to its own statement, against the sentinel and M candidate statements
+              is pulled to its own statement, against the sentinel and the batch's statements
     L_q2s   = − log softmax_c(τ sim(q'_i, c))[s],   c ∈ {s} ∪ candidates without k_i: with its own
               knowledge absent, the other query must fall back to the sentinel
     L_loc2s = − log softmax_c(τ sim(l_i, c))[s],    c ∈ {s, k_1..k_M}: unrelated queries stay below the sentinel
-The last two are hinged like the reference: only rows where p(s) < h_c · max_other p contribute.
-Candidates are the batch's statements plus `contrastive_negatives` other training statements drawn at
-random (the reference uses the batch alone; with a frozen encoder more negatives cost almost nothing).
+The last two are hinged like the reference: only rows where p(s) < h_c · max_other p contribute. All
+terms train everything (encoder, heads, sentinel, prompt generator) from the first step with one Adam
+learning rate, as in the reference; `edit_gradients=prompt_generator`, `retrieval_epochs`,
+`contrastive_negatives`, `standardise`, `head_init=shared_projection`, `sentinel=feature_vector` and a
+frozen encoder are the earlier CPU-budget variant's knobs (docs/recipe.md lists each with its reference value).
 
-Deviations from the reference, all for a CPU budget of minutes: the encoder is frozen (the reference
-fine-tunes RoBERTa-base with the heads); the sentinel is a learned feature vector (the reference runs
-the encoder over 10 learned token embeddings, which ties it to one encoder architecture); prompts are
-spliced after the start token (the reference prepends them before it; Gemma needs BOS at position 0);
-knowledge statements come from the task (`Knowledge.context`, the editing task's "prompt + target").
+Deviations that are not knobs: prompts are spliced after the start token (the reference prepends them
+before it; Gemma needs BOS at position 0); the first feature is the encoder's sentence embedding (the
+reference reads RoBERTa's pooler output).
 
-The trained module is saved as safetensors: under $KBENCH_CACHE/recipe/<hash>.safetensors (reused when
-the model, encoder, knobs and training data are identical, `cache`), or loaded from `checkpoint`.
+The trained module (and the fine-tuned encoder) is saved as safetensors under
+$KBENCH_CACHE/recipe/<hash>.safetensors, with the training curves beside it (<hash>.png, <hash>.json);
+it is reused when the model, encoder, knobs and training data are identical (`cache`), or loaded from
+`checkpoint`.
 """
 from __future__ import annotations
 
@@ -53,7 +61,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +83,11 @@ from methods.base import Method
 
 log = logging.getLogger(__name__)
 
-FORMAT = "kbench-recipe-1"  # bump when the saved module's layout changes
+FORMAT = "kbench-recipe-2"  # bump when the saved module's layout changes
 RETRIEVED_KNOWLEDGE_IDS = "retrieved_knowledge_ids"  # the answer-meta key retrieval metrics read
 EDIT_KEYS = ("prompt", "target", "rephrase_prompts", "locality_prompts", "locality_answers")
+REFERENCE_ENCODER = "roberta-base"
+PROBE_EDITS = 100  # training edits the per-epoch retrieval diagnostics look at
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,11 @@ def training_edits(knowledge: Sequence[Knowledge]) -> list[TrainingEdit]:
     return edits
 
 
+def is_reference_encoder(name: str) -> bool:
+    """True for the reference's encoder: RoBERTa-base by hub id or as a local folder of that name."""
+    return name.rstrip("/").split("/")[-1].lower() == REFERENCE_ENCODER
+
+
 class ResidualHead(nn.Module):
     """x ↦ W₁x + ReLU(W₂W₁x): the reference's representation transform."""
 
@@ -129,40 +144,46 @@ class ResidualHead(nn.Module):
 
 
 class RecipeModule(nn.Module):
-    """Everything RECIPE trains: feature standardisation, the two heads, the sentinel, the prompt generator."""
+    """What RECIPE trains beside the encoder: feature standardisation, the two heads, the sentinel, the
+    prompt generator. `sentinel` is `[sentinel_tokens, token_dim]` token states (`encoder_tokens`) or
+    one standardised feature vector (`feature_vector`)."""
 
-    def __init__(self, feature_dim: int, rep_dim: int, hidden_size: int, prompt_tokens: int, cosine: bool = False) -> None:
+    def __init__(self, feature_dim: int, token_dim: int, rep_dim: int, hidden_size: int, prompt_tokens: int, *,
+                 cosine: bool, sentinel: str, sentinel_tokens: int, head_init: str) -> None:
         super().__init__()
         self.rep_dim, self.hidden_size, self.prompt_tokens, self.cosine = rep_dim, hidden_size, prompt_tokens, cosine
+        self.sentinel_mode = sentinel
+        # identity unless `standardise`: then the training split's statistics (the earlier CPU variant)
         self.register_buffer("feature_mean", torch.zeros(feature_dim))
         self.register_buffer("feature_std", torch.ones(feature_dim))
         self.knowledge_head = ResidualHead(feature_dim, rep_dim)
         self.query_head = ResidualHead(feature_dim, rep_dim)
-        self.sentinel = nn.Parameter(torch.zeros(feature_dim))  # the average text, in standardised features
+        if sentinel == "encoder_tokens":  # the reference's initialisation: uniform in ±0.05
+            self.sentinel = nn.Parameter((torch.rand(sentinel_tokens, token_dim) - 0.5) * 0.1)
+        else:  # the average text, in standardised features
+            self.sentinel = nn.Parameter(torch.zeros(feature_dim))
         self.prompt_body = nn.Linear(rep_dim, rep_dim)
         self.prompt_out = nn.Linear(rep_dim, prompt_tokens * hidden_size)
-        # Both heads start as the same random projection with a silent residual layer: at step 0,
-        # sim(q, k) is then close to the encoder's own inner product of q and k (a random projection
-        # keeps inner products), and training departs from a retriever that already works.
-        with torch.no_grad():
-            for head in (self.knowledge_head, self.query_head):
-                nn.init.zeros_(head.refine.weight)
-                nn.init.zeros_(head.refine.bias)
-                nn.init.zeros_(head.project.bias)
-            nn.init.normal_(self.knowledge_head.project.weight, std=feature_dim ** -0.5)
-            self.query_head.project.weight.copy_(self.knowledge_head.project.weight)
+        if head_init == "shared_projection":
+            # Both heads start as the same random projection with a silent residual layer: sim(q, k) is
+            # then close to the encoder's own inner product of q and k, so a short training departs from
+            # a retriever that already works (the reference initialises both heads at random).
+            with torch.no_grad():
+                for head in (self.knowledge_head, self.query_head):
+                    nn.init.zeros_(head.refine.weight)
+                    nn.init.zeros_(head.refine.bias)
+                    nn.init.zeros_(head.project.bias)
+                nn.init.normal_(self.knowledge_head.project.weight, std=feature_dim ** -0.5)
+                self.query_head.project.weight.copy_(self.knowledge_head.project.weight)
 
-    def _standardise(self, features: torch.Tensor) -> torch.Tensor:
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.feature_mean) / self.feature_std
 
     def knowledge(self, features: torch.Tensor) -> torch.Tensor:
-        return self.knowledge_head(self._standardise(features))
+        return self.knowledge_head(self.standardise(features))
 
     def query(self, features: torch.Tensor) -> torch.Tensor:
-        return self.query_head(self._standardise(features))
-
-    def sentinel_rep(self) -> torch.Tensor:
-        return self.knowledge_head(self.sentinel[None])  # already in standardised feature space
+        return self.query_head(self.standardise(features))
 
     def prompts(self, reps: torch.Tensor) -> torch.Tensor:
         """`[n, prompt_tokens, hidden]` continuous prompts of knowledge representations."""
@@ -189,22 +210,33 @@ def _mean(total: torch.Tensor, count: int) -> torch.Tensor:
     return total / count if count else total * 0.0
 
 
-class _TrainingData:
-    """Training edits with the encoder features of every text they contain, computed once (frozen encoder)."""
+def _pooled(tokens: torch.Tensor, mask: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+    """`[n, 4 × width]`: [sentence embedding, mean, max, min] of the token states under `mask`."""
+    mask = mask.unsqueeze(-1).bool()
+    mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+    high = tokens.masked_fill(~mask, float("-inf")).max(1).values
+    low = tokens.masked_fill(~mask, float("inf")).min(1).values
+    return torch.cat([sentence, mean, high, low], dim=1)
 
-    def __init__(self, edits: Sequence[TrainingEdit], encode, rng: random.Random) -> None:
+
+class _TrainingData:
+    """Training edits, and the encoder features of their texts: computed once when the encoder is
+    frozen (`cached`), with gradients at every request when it trains."""
+
+    def __init__(self, edits: Sequence[TrainingEdit], encode, rng: random.Random, cached: bool) -> None:
         self.statements = sorted({e.statement for e in edits})
         self.statement_index = {s: i for i, s in enumerate(self.statements)}
-        texts = sorted({t for e in edits for t in (e.statement, e.prompt, *e.rephrases, *(p for p, _ in e.locality))})
-        self.row = {t: i for i, t in enumerate(texts)}
-        self.features = encode(texts)
-        self.rng = rng
+        self.encode, self.rng = encode, rng
+        self.cache: torch.Tensor | None = None
+        if cached:
+            texts = sorted({t for e in edits for t in (e.statement, e.prompt, *e.rephrases, *(p for p, _ in e.locality))})
+            self.row = {t: i for i, t in enumerate(texts)}
+            self.cache = encode(texts)
 
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.features[[self.row[t] for t in texts]]
-
-    def statement_features(self, indices: Sequence[int]) -> torch.Tensor:
-        return self.text_features([self.statements[i] for i in indices])
+        if self.cache is not None:
+            return self.cache[[self.row[t] for t in texts]]
+        return self.encode(list(texts), grad=torch.is_grad_enabled())
 
     def locality_sample(self, batch: Sequence[TrainingEdit], per_edit: int) -> list[tuple[int, str, str]]:
         """Up to `per_edit` random locality (prompt, continuation) pairs per edit, with the edit's batch index."""
@@ -216,30 +248,50 @@ class Recipe(Method):
 
     name = "recipe"
 
+    #: qizhou000/RECIPE: configs/recipe/*.yaml (rep 4096, 10 sentinel tokens, 3 prompt tokens, lr 1e-5,
+    #: λ = 1, temperatures 1, hinges 1.2), train_recipe.py (batch 8, 1000 epochs), recipe.py (Adam over
+    #: the encoder, heads and prompt generator, no clipping; retrieval on the decoded forward input).
+    reference: ClassVar[dict[str, Any]] = {
+        "encoder": REFERENCE_ENCODER, "train_encoder": True, "prompt_tokens": 3, "rep_dim": 4096,
+        "sentinel": "encoder_tokens", "sentinel_tokens": 10, "head_init": "random", "standardise": False,
+        "lr": 1e-5, "epochs": 1000, "retrieval_epochs": 0, "batch_size": 8, "weight_decay": 0.0,
+        "max_grad_norm": 0.0, "reliability_weight": 1.0, "generality_weight": 1.0, "locality_weight": 1.0,
+        "contrastive_weight": 1.0, "similarity": "dot", "temperature": 1.0, "contrastive_hinge": 1.2,
+        "edit_hinge": 1.2, "contrastive_negatives": 0, "max_locality_per_edit": 1, "edit_gradients": "all",
+        "retrieval_query": "forward_input",
+    }
+
     @checked("method")
     def __init__(
         self,
         lm: LM,
         encoder: str = "embedded:all-minilm-l6-v2",
+        train_encoder: bool = True,
         encoder_batch_size: PositiveInt = 64,
         prompt_tokens: PositiveInt = 3,
-        rep_dim: PositiveInt = 256,
-        lr: PositiveFloat = 1e-3,
-        epochs: NonNegativeInt = 2,
-        retrieval_epochs: NonNegativeInt = 20,
+        rep_dim: PositiveInt = 4096,
+        sentinel: Literal["encoder_tokens", "feature_vector"] = "encoder_tokens",
+        sentinel_tokens: PositiveInt = 10,
+        head_init: Literal["random", "shared_projection"] = "random",
+        standardise: bool = False,
+        lr: PositiveFloat = 1e-5,
+        epochs: NonNegativeInt = 1000,
+        retrieval_epochs: NonNegativeInt = 0,
         batch_size: PositiveInt = 8,
         weight_decay: NonNegativeFloat = 0.0,
-        max_grad_norm: NonNegativeFloat = 1.0,
+        max_grad_norm: NonNegativeFloat = 0.0,
         reliability_weight: NonNegativeFloat = 1.0,
         generality_weight: NonNegativeFloat = 1.0,
         locality_weight: NonNegativeFloat = 1.0,
         contrastive_weight: NonNegativeFloat = 1.0,
-        similarity: Literal["cosine", "dot"] = "cosine",
-        temperature: PositiveFloat = 20.0,
+        similarity: Literal["cosine", "dot"] = "dot",
+        temperature: PositiveFloat = 1.0,
         contrastive_hinge: Annotated[float, Field(ge=1)] = 1.2,  # a large value = no hinge
         edit_hinge: Annotated[float, Field(ge=1)] = 1.2,
-        contrastive_negatives: NonNegativeInt = 64,
+        contrastive_negatives: NonNegativeInt = 0,
         max_locality_per_edit: NonNegativeInt = 1,
+        edit_gradients: Literal["all", "prompt_generator"] = "all",
+        retrieval_query: Literal["forward_input", "prompt"] = "forward_input",
         checkpoint: str | None = None,
         cache: bool = True,
         seed: int = 0,
@@ -253,40 +305,69 @@ class Recipe(Method):
         self.encoder.requires_grad_(False)
         self.encoder_batch_size = encoder_batch_size
         self.knobs = dict(
-            prompt_tokens=prompt_tokens, rep_dim=rep_dim, lr=lr, epochs=epochs, retrieval_epochs=retrieval_epochs,
-            batch_size=batch_size,
-            weight_decay=weight_decay, max_grad_norm=max_grad_norm, reliability_weight=reliability_weight,
-            generality_weight=generality_weight, locality_weight=locality_weight,
-            contrastive_weight=contrastive_weight, similarity=similarity, temperature=temperature, contrastive_hinge=contrastive_hinge,
-            edit_hinge=edit_hinge, contrastive_negatives=contrastive_negatives,
-            max_locality_per_edit=max_locality_per_edit, seed=seed,
+            train_encoder=train_encoder, prompt_tokens=prompt_tokens, rep_dim=rep_dim, sentinel=sentinel,
+            sentinel_tokens=sentinel_tokens, head_init=head_init, standardise=standardise, lr=lr, epochs=epochs,
+            retrieval_epochs=retrieval_epochs, batch_size=batch_size, weight_decay=weight_decay,
+            max_grad_norm=max_grad_norm, reliability_weight=reliability_weight, generality_weight=generality_weight,
+            locality_weight=locality_weight, contrastive_weight=contrastive_weight, similarity=similarity,
+            temperature=temperature, contrastive_hinge=contrastive_hinge, edit_hinge=edit_hinge,
+            contrastive_negatives=contrastive_negatives, max_locality_per_edit=max_locality_per_edit,
+            edit_gradients=edit_gradients, seed=seed,
         )
+        self.retrieval_query = retrieval_query  # not in knobs: inference only, so not part of the cache hash
         self.checkpoint, self.cache, self.seed = checkpoint, cache, seed
-        feature_dim = 4 * self.encoder.get_embedding_dimension()
+        width = self.encoder.get_embedding_dimension()
         torch.manual_seed(seed)
-        self.module = RecipeModule(feature_dim, rep_dim, lm.hidden_size, prompt_tokens, similarity == "cosine").to(lm.device)
+        self.module = RecipeModule(
+            4 * width, width, rep_dim, lm.hidden_size, prompt_tokens, cosine=similarity == "cosine",
+            sentinel=sentinel, sentinel_tokens=sentinel_tokens, head_init=head_init,
+        ).to(lm.device)
         self.module.requires_grad_(False)
         self.trained = False
         self.prepare_info: dict[str, Any] = {}
+        self.curves: dict[str, list[dict[str, Any]]] = {"steps": [], "epochs": []}
         self.decisions = {"queries": 0, "accepted": 0, "empty_store": 0}  # over the whole run, across resets
         self.reset()
 
+    def reference_deviations(self) -> dict[str, str]:
+        """Knobs set off the reference (`reference`); any RoBERTa-base folder counts as its encoder."""
+        current = self.knobs | {"encoder": self.encoder_name, "retrieval_query": self.retrieval_query}
+        return {
+            knob: f"{current[knob]!r} (reference: {ref!r})"
+            for knob, ref in self.reference.items()
+            if not (is_reference_encoder(current[knob]) if knob == "encoder" else current[knob] == ref)
+        }
+
     # ------------------------------------------------------------------ features
-    @torch.no_grad()
-    def features(self, texts: Sequence[str]) -> torch.Tensor:
-        """`[n, 4 × dim]`: sentence embedding and mean / max / min of the token states of each text."""
+    def features(self, texts: Sequence[str], grad: bool = False) -> torch.Tensor:
+        """`[n, 4 × width]`: sentence embedding and mean / max / min of the token states of each text;
+        with `grad`, differentiable in the encoder's weights."""
         rows = []
         starts = range(0, len(texts), self.encoder_batch_size)
-        for start in progress(starts, desc="encode", total=len(starts), disable=len(starts) < 4 or None):
-            batch = self.encoder.preprocess(list(texts[start : start + self.encoder_batch_size]))
-            batch = {k: v.to(self.encoder.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            out = self.encoder(batch)
-            tokens, mask = out["token_embeddings"], out["attention_mask"].unsqueeze(-1).bool()
-            mean = (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
-            high = tokens.masked_fill(~mask, float("-inf")).max(1).values
-            low = tokens.masked_fill(~mask, float("inf")).min(1).values
-            rows.append(torch.cat([out["sentence_embedding"], mean, high, low], dim=1))
-        return torch.cat(rows).float().to(self.lm.device)
+        with torch.set_grad_enabled(grad):
+            for start in progress(starts, desc="encode", total=len(starts), disable=len(starts) < 4 or None):
+                batch = self.encoder.preprocess(list(texts[start : start + self.encoder_batch_size]))
+                batch = {k: v.to(self.encoder.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                out = self.encoder(batch)
+                rows.append(_pooled(out["token_embeddings"], out["attention_mask"], out["sentence_embedding"]))
+            return torch.cat(rows).float().to(self.lm.device)
+
+    def sentinel_rep(self) -> torch.Tensor:
+        """`[1, rep_dim]`: the sentinel's knowledge representation (row 0 of the knowledge base)."""
+        module = self.module
+        if module.sentinel_mode == "feature_vector":
+            return module.knowledge_head(module.sentinel[None])  # already in standardised feature space
+        # the reference runs its encoder's layers (not the embedding layer) over the learned token states
+        transformer = getattr(self.encoder[0], "auto_model", None)
+        if not hasattr(transformer, "encoder"):
+            raise KBenchError(f"method.sentinel=encoder_tokens needs a BERT-like encoder with .encoder layers; "
+                              f"{self.encoder_name} has none: use method.sentinel=feature_vector")
+        states = transformer.encoder(module.sentinel[None].to(self.encoder.device)).last_hidden_state
+        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
+        pooled = {"token_embeddings": states, "attention_mask": mask}
+        for step in list(self.encoder)[1:]:  # the encoder's own pooling (and normalisation)
+            pooled = step(pooled)
+        return module.knowledge(_pooled(states, mask, pooled["sentence_embedding"]).float().to(self.lm.device))
 
     # ------------------------------------------------------------------ training (once)
     def prepare(self, training_knowledge: Sequence[Knowledge]) -> None:
@@ -316,10 +397,12 @@ class Recipe(Method):
             "retrieval_steps": len(self.retrieval_losses), "retrieval_loss_first_last": first_last(self.retrieval_losses),
             "joint_steps": len(losses), "joint_loss_first_last": first_last(losses),
             "final_loss_components": self.last_components,
+            "epochs": self.curves["epochs"],
         }
         if self.cache:
             self.save(path)
             self.prepare_info["path"] = str(path)
+            self.prepare_info["curves"] = str(self.save_curves(path.with_suffix("")))
             note_input(path)  # later runs load this file instead of training: it is part of their inputs
 
     def identity(self, edits: Sequence[TrainingEdit]) -> str:
@@ -329,77 +412,126 @@ class Recipe(Method):
             "knobs": self.knobs, "edits": [vars(e) for e in edits],
         })
 
+    def trained_parameters(self, retrieval_only: bool) -> list[nn.Parameter]:
+        """What the optimiser moves: the encoder (when trained), the heads and the sentinel; and, jointly,
+        the prompt generator."""
+        module = self.module
+        params = [*module.knowledge_head.parameters(), *module.query_head.parameters(), module.sentinel]
+        if not retrieval_only:
+            params += [*module.prompt_body.parameters(), *module.prompt_out.parameters()]
+        if self.knobs["train_encoder"]:
+            params += list(self.encoder.parameters())
+        return params
+
     def fit(self, edits: Sequence[TrainingEdit]) -> list[float]:
-        """Train the module on held-out edits (the objective in the module docstring); returns the losses."""
+        """Train on held-out edits (the objective in the module docstring); returns the joint losses.
+        Per step and per epoch diagnostics go to `self.curves` (edit losses, retrieval accuracy, sentinel
+        rejection)."""
         k = self.knobs
-        data = _TrainingData(edits, self.features, random.Random(k["seed"]))
-        self.module.feature_mean.copy_(data.features.mean(0))
-        self.module.feature_std.copy_(data.features.std(0).clamp(min=1e-4))
+        data = _TrainingData(edits, self.features, random.Random(k["seed"]), cached=not k["train_encoder"])
+        if k["standardise"]:
+            with torch.no_grad():
+                sample = data.cache if data.cache is not None else data.text_features(
+                    sorted({t for e in edits[:512] for t in (e.statement, e.prompt)}))
+            self.module.feature_mean.copy_(sample.mean(0))
+            self.module.feature_std.copy_(sample.std(0).clamp(min=1e-4))
+        probe = list(edits[:PROBE_EDITS])
+        steps_per_epoch = math.ceil(len(edits) / k["batch_size"])
         self.last_components: dict[str, float] = {}
+        self.curves = {"steps": [], "epochs": []}
         weights = {"reliability": k["reliability_weight"], "generality": k["generality_weight"],
                    "locality_kl": k["locality_weight"]}
 
-        def loss_fn(batch: list[TrainingEdit], with_lm: bool) -> tuple[torch.Tensor, int]:
-            parts = self.contrastive_losses(batch, data)
-            if with_lm:
-                parts |= self.edit_losses(batch, data)
-            self.last_components = {name: round(float(v.detach()), 4) for name, v in parts.items()}
-            return sum(weights.get(name, k["contrastive_weight"]) * value for name, value in parts.items()), 1
-
-        def run(epochs: int, with_lm: bool, params: list[nn.Parameter], desc: str) -> list[float]:
+        def run(epochs: int, with_lm: bool, desc: str) -> list[float]:
             if not epochs:
                 return []
-            return train(params, list(edits), lambda batch: loss_fn(batch, with_lm), epochs=epochs, lr=k["lr"],
-                         batch_size=k["batch_size"], weight_decay=k["weight_decay"],
-                         max_grad_norm=k["max_grad_norm"], seed=k["seed"], desc=desc)
+            phase = "joint" if with_lm else "retrieval"
+            self.curves["epochs"].append(self.probe_retrieval(probe, data) | {"phase": phase, "epoch": 0})
+            done = [0]
 
-        module = self.module
-        retrieval = [*module.knowledge_head.parameters(), *module.query_head.parameters(), module.sentinel]
-        module.requires_grad_(True)
+            def loss_fn(batch: list[TrainingEdit]) -> tuple[torch.Tensor, int]:
+                epoch = done[0] // steps_per_epoch + 1
+                if done[0] and done[0] % steps_per_epoch == 0:  # the state after the previous epoch
+                    self.curves["epochs"].append(self.probe_retrieval(probe, data) | {"phase": phase, "epoch": epoch - 1})
+                done[0] += 1
+                keys = self.module.knowledge(data.text_features([e.statement for e in batch]))
+                parts, rates = self.contrastive_losses(batch, keys, data)
+                if with_lm:
+                    parts |= self.edit_losses(batch, keys, data)
+                self.last_components = {name: round(float(v.detach()), 4) for name, v in parts.items()}
+                self.curves["steps"].append({"phase": phase, "epoch": epoch} | self.last_components | rates)
+                return sum(weights.get(name, k["contrastive_weight"]) * value for name, value in parts.items()), 1
+
+            losses = train(self.trained_parameters(not with_lm), list(edits), loss_fn, epochs=epochs, lr=k["lr"],
+                           batch_size=k["batch_size"], weight_decay=k["weight_decay"],
+                           max_grad_norm=k["max_grad_norm"], seed=k["seed"], desc=desc)
+            self.curves["epochs"].append(self.probe_retrieval(probe, data) | {"phase": phase, "epoch": epochs})
+            return losses
+
+        self.module.requires_grad_(True)
+        if k["train_encoder"]:
+            self.encoder.requires_grad_(True)
+            self.encoder.train()  # dropout on while training, as the reference's train mode
         try:
-            # the contrastive terms alone need no LM forward (milliseconds per step): first, many epochs of them
-            self.retrieval_losses = run(k["retrieval_epochs"], False, retrieval, "recipe prepare: retrieval")
-            losses = run(k["epochs"], any(weights.values()), list(module.parameters()), "recipe prepare: joint")
+            # the contrastive terms alone need no LM forward (the earlier CPU variant runs many epochs of them first)
+            self.retrieval_losses = run(k["retrieval_epochs"], False, "recipe prepare: retrieval")
+            losses = run(k["epochs"], any(weights.values()), "recipe prepare: joint")
         finally:
-            module.requires_grad_(False)
+            self.module.requires_grad_(False)
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
         self.trained = True
         self.reset()  # representations computed before training are stale
         return losses
 
-    def contrastive_losses(self, batch: Sequence[TrainingEdit], data: _TrainingData) -> dict[str, torch.Tensor]:
-        """L_q2k, L_q2s and L_loc2s of one batch (module docstring)."""
+    def contrastive_losses(self, batch: Sequence[TrainingEdit], keys: torch.Tensor,
+                           data: _TrainingData) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """L_q2k, L_q2s and L_loc2s of one batch (module docstring), given the batch's knowledge
+        representations `keys`; and the batch's retrieval rates (argmax over the same candidates)."""
         k, module, rng = self.knobs, self.module, data.rng
-        own = [data.statement_index[e.statement] for e in batch]
-        others = sorted(set(range(len(data.statements))) - set(own))
-        pool = sorted(set(own) | set(rng.sample(others, min(k["contrastive_negatives"], len(others)))))
-        column = {s: 1 + p for p, s in enumerate(pool)}  # column 0 is the sentinel
-        candidates = torch.cat([module.sentinel_rep(), module.knowledge(data.statement_features(pool))])
+        own = [e.statement for e in batch]
+        taken = {data.statement_index[s] for s in own}
+        negatives: list[str] = []
+        if k["contrastive_negatives"]:
+            others = [i for i in range(len(data.statements)) if i not in taken]
+            negatives = [data.statements[i] for i in rng.sample(others, min(k["contrastive_negatives"], len(others)))]
+        parts = [self.sentinel_rep(), keys]
+        if negatives:
+            parts.append(module.knowledge(data.text_features(negatives)))
+        candidates = torch.cat(parts)
+        columns = own + negatives  # candidate j + 1; column 0 is the sentinel
+        device = candidates.device
+        same = torch.tensor([[False] + [c == s for c in columns] for s in own], device=device)
+        own_column = torch.arange(1, len(batch) + 1, device=device)
+        twins = same.clone()
+        twins[torch.arange(len(batch)), own_column] = False  # another batch edit with the same statement
 
         def logits(texts: Sequence[str]) -> torch.Tensor:
             return k["temperature"] * module.similarity(module.query(data.text_features(texts)), candidates)
 
-        sentinel = torch.zeros(len(batch), dtype=torch.long, device=candidates.device)
-        own_column = torch.tensor([column[s] for s in own], device=candidates.device)
-        # two different queries of each edit (its prompt and rephrases), assigned at random
+        sentinel = torch.zeros(len(batch), dtype=torch.long, device=device)
+        # two different queries of each edit (its prompt and a rephrase), assigned at random
         picks = [rng.sample(q, 2) if len(q) > 1 else q * 2 for q in ([e.prompt, *e.rephrases] for e in batch)]
-        q2k = F.cross_entropy(logits([p[0] for p in picks]), own_column)
-        hidden_own = logits([p[1] for p in picks]).scatter(1, own_column[:, None], -1e4)
+        first = logits([p[0] for p in picks]).masked_fill(twins, -1e4)
+        q2k = F.cross_entropy(first, own_column)
+        hidden_own = logits([p[1] for p in picks]).masked_fill(same, -1e4)
         q2s = _mean(*hinged_nll(hidden_own, sentinel, k["contrastive_hinge"]))
+        rates = {"batch_retrieval": float((first.argmax(1) == own_column).float().mean()),
+                 "batch_fallback": float((hidden_own.argmax(1) == 0).float().mean())}
         locality = data.locality_sample(batch, k["max_locality_per_edit"])
         loc2s = candidates.new_zeros(())
         if locality:
             rows = logits([p for _, p, _ in locality])
             loc2s = _mean(*hinged_nll(rows, sentinel.new_zeros(len(locality)), k["contrastive_hinge"]))
-        return {"query_to_knowledge": q2k, "query_to_sentinel": q2s, "locality_to_sentinel": loc2s}
+            rates["batch_rejection"] = float((rows.argmax(1) == 0).float().mean())
+        return {"query_to_knowledge": q2k, "query_to_sentinel": q2s, "locality_to_sentinel": loc2s}, rates
 
-    def edit_losses(self, batch: Sequence[TrainingEdit], data: _TrainingData) -> dict[str, torch.Tensor]:
+    def edit_losses(self, batch: Sequence[TrainingEdit], keys: torch.Tensor, data: _TrainingData) -> dict[str, torch.Tensor]:
         """L_rel, L_gen and L_loc of one batch: each edit's own prompt on its edit prompt, one rephrase
-        and its locality prompts, in one LM forward."""
+        and its locality prompts, in one LM forward. With `edit_gradients=all` (reference) they train the
+        representations and the encoder too; `prompt_generator` stops them at the prompt generator."""
         k, lm, rng = self.knobs, self.lm, data.rng
-        own = [data.statement_index[e.statement] for e in batch]
-        # the edit losses train the prompt generator only: on a CPU budget their large gradients would
-        # otherwise pull the knowledge head away from what retrieval and the sentinel need
-        prompts = self.module.prompts(self.module.knowledge(data.statement_features(own)).detach())
+        prompts = self.module.prompts(keys if k["edit_gradients"] == "all" else keys.detach())
         rel = [(lm.prompt_ids(e.prompt), lm.encode(e.target), i) for i, e in enumerate(batch)]
         gen = [(lm.prompt_ids(rng.choice(e.rephrases)), lm.encode(e.target), i) for i, e in enumerate(batch) if e.rephrases]
         loc = [(lm.prompt_ids(p), lm.encode(c), i) for i, p, c in data.locality_sample(batch, k["max_locality_per_edit"])]
@@ -421,15 +553,94 @@ class Recipe(Method):
             parts["locality_kl"] = F.kl_div(edited, base, log_target=True, reduction="batchmean")
         return parts
 
+    @torch.no_grad()
+    def probe_retrieval(self, edits: Sequence[TrainingEdit], data: _TrainingData) -> dict[str, float]:
+        """Retrieval over a knowledge base of `edits`' statements, as after training: the share of their
+        prompts and first rephrases that retrieve their own statement above the sentinel, and of their
+        locality prompts the sentinel rejects (a training-split diagnostic, queries on the prompt)."""
+        training = self.encoder.training
+        self.encoder.eval()
+        try:
+            statements = sorted({e.statement for e in edits})
+            keys = self.module.knowledge(data.text_features(statements))
+            sentinel = self.sentinel_rep()
+
+            def decide(texts: list[str]) -> tuple[list[int], list[bool]]:
+                reps = self.module.query(data.text_features(texts))
+                best, index = self.module.similarity(reps, keys).max(dim=1)
+                return index.tolist(), (best > self.module.similarity(reps, sentinel)[:, 0]).tolist()
+
+            own = [statements.index(e.statement) for e in edits]
+            rates = {}
+            for name, texts in (("prompt", [e.prompt for e in edits]),
+                                ("rephrase", [e.rephrases[0] if e.rephrases else e.prompt for e in edits])):
+                index, accepted = decide(texts)
+                rates[f"retrieval_{name}"] = round(sum(i == o and a for i, o, a in zip(index, own, accepted)) / len(edits), 4)
+            locality = [p for e in edits for p, _ in e.locality]
+            if locality:
+                rates["sentinel_rejection"] = round(sum(not a for a in decide(locality)[1]) / len(locality), 4)
+            return rates
+        finally:
+            self.encoder.train(training)
+
+    def save_curves(self, stem: Path) -> Path:
+        """The training curves as `<stem>.json` and a PNG `<stem>.png` (edit losses, retrieval accuracy,
+        sentinel rejection per epoch); returns the PNG's path."""
+        atomic_write_json(stem.with_suffix(".json"), self.curves)
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs, steps = self.curves["epochs"], self.curves["steps"]
+        order = {"retrieval": 0, "joint": 1}
+        offset = {"retrieval": 0, "joint": self.knobs["retrieval_epochs"] if any(e["phase"] == "retrieval" for e in epochs) else 0}
+        x_of = lambda row: offset[row["phase"]] + row["epoch"]  # noqa: E731
+
+        def per_epoch(key: str) -> tuple[list[float], list[float]]:
+            groups: dict[tuple[int, int], list[float]] = {}
+            for row in steps:
+                if key in row:
+                    groups.setdefault((order[row["phase"]], x_of(row)), []).append(row[key])
+            keys = sorted(groups)
+            return [x - 0.5 for _, x in keys], [sum(groups[g]) / len(groups[g]) for g in keys]
+
+        figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for key in ("reliability", "generality", "locality_kl"):
+            axes[0].plot(*per_epoch(key), marker=".", label=key)
+        axes[0].set_title("edit losses (mean over the epoch's steps)")
+        axes[0].set_yscale("symlog", linthresh=0.1)
+        for key, label in (("retrieval_prompt", "prompts → own edit (probe)"), ("retrieval_rephrase", "rephrases → own edit (probe)")):
+            axes[1].plot([x_of(e) for e in epochs], [e.get(key) for e in epochs], marker="o", label=label)
+        axes[1].plot(*per_epoch("batch_retrieval"), marker=".", linestyle=":", label="in-batch q2k accuracy")
+        axes[1].set_title(f"retrieval above the sentinel ({min(len(steps) and PROBE_EDITS, PROBE_EDITS)} training edits)")
+        axes[2].plot([x_of(e) for e in epochs], [e.get("sentinel_rejection") for e in epochs], marker="o",
+                     label="locality prompts rejected (probe)")
+        axes[2].plot(*per_epoch("batch_rejection"), marker=".", linestyle=":", label="in-batch locality → sentinel")
+        axes[2].set_title("sentinel rejection")
+        for axis in axes:
+            axis.set_xlabel("epoch" + (" (retrieval-only epochs first)" if offset["joint"] else ""))
+            axis.legend(fontsize=8)
+        for axis in axes[1:]:
+            axis.set_ylim(-0.02, 1.02)
+        figure.tight_layout()
+        png = stem.with_suffix(".png")
+        figure.savefig(png, dpi=90)
+        plt.close(figure)
+        return png
+
     # ------------------------------------------------------------------ saving the trained module
     def save(self, path: str | Path) -> None:
-        """The trained module as safetensors; the metadata records what it was trained for."""
+        """The trained module (and the encoder, when trained) as safetensors; the metadata records what
+        it was trained for."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu").contiguous() for name, t in self.module.state_dict().items()}
+        if self.knobs["train_encoder"]:
+            tensors |= {f"encoder.{n}": t.detach().to("cpu").contiguous() for n, t in self.encoder.state_dict().items()}
         metadata = {"format": FORMAT, "model": self.lm.name, "encoder": self.encoder_name,
                     "shapes": json.dumps(self._shapes()), "knobs": json.dumps(self.knobs),
-                    "prepare": json.dumps(self.prepare_info)}
+                    "prepare": json.dumps({k: v for k, v in self.prepare_info.items() if k != "epochs"})}
         staging = path.with_suffix(".tmp")
         save_file(tensors, str(staging), metadata=metadata)
         default_modes(staging)  # safetensors writes 0600
@@ -452,16 +663,21 @@ class Recipe(Method):
                 f"{path} was trained for {metadata['shapes']} (model {metadata.get('model')}, encoder "
                 f"{metadata.get('encoder')}), but this run needs {json.dumps(self._shapes())}"
             )
-        self.module.load_state_dict({k: v.to(self.lm.device) for k, v in load_file(str(path)).items()})
+        tensors = load_file(str(path))
+        encoder = {n.removeprefix("encoder."): t for n, t in tensors.items() if n.startswith("encoder.")}
+        self.module.load_state_dict({n: t.to(self.lm.device) for n, t in tensors.items() if not n.startswith("encoder.")})
+        if encoder:
+            self.encoder.load_state_dict({n: t.to(self.encoder.device) for n, t in encoder.items()})
         self._saved_facts = {"trained_for": {"model": metadata.get("model"), "encoder": metadata.get("encoder")},
                              "training": json.loads(metadata.get("prepare", "{}"))}
         self.trained = True
         self.reset()
 
-    def _shapes(self) -> dict[str, int]:
+    def _shapes(self) -> dict[str, Any]:
         m = self.module
         return {"feature_dim": m.feature_mean.numel(), "rep_dim": m.rep_dim, "hidden": m.hidden_size,
-                "prompt_tokens": m.prompt_tokens}
+                "prompt_tokens": m.prompt_tokens, "sentinel": list(m.sentinel.shape),
+                "trained_encoder": bool(self.knobs["train_encoder"])}
 
     # ------------------------------------------------------------------ the knowledge base
     def reset(self) -> None:
@@ -470,6 +686,8 @@ class Recipe(Method):
         self.ids: list[str] = []
         self.keys = torch.zeros(0, self.module.rep_dim, device=device)
         self.prompts = torch.zeros(0, self.module.prompt_tokens, self.module.hidden_size, device=device)
+        with torch.no_grad():
+            self.sentinel_key = self.sentinel_rep()
 
     @torch.no_grad()
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
@@ -482,13 +700,24 @@ class Recipe(Method):
         self.keys = torch.cat([self.keys, keys])
         self.prompts = torch.cat([self.prompts, self.module.prompts(keys)])
 
+    def query_texts(self, queries: Sequence[Query], targets: Sequence[str] | None = None) -> list[str]:
+        """What retrieval reads per query (`retrieval_query`): the prompt, or the decoded forward input as
+        in the reference's hook (special tokens dropped): prompt + target without its last token when
+        scoring a target, the prompt's tokens when generating."""
+        if self.retrieval_query == "prompt":
+            return [q.prompt for q in queries]
+        if targets is None:
+            return [self.lm.decode(self.prompt_ids(q)) for q in queries]
+        return [self.lm.decode(self.prompt_ids(q) + self.lm.encode(t)[:-1]) for q, t in zip(queries, targets)]
+
     @torch.no_grad()
-    def retrieve(self, queries: Sequence[Query]) -> list[dict[str, Any]]:
-        """Per query: the stored edit used (or none) with its similarity and the sentinel's."""
+    def retrieve(self, queries: Sequence[Query], targets: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Per query: the stored edit used (or none) with its similarity and the sentinel's; `targets`
+        (teacher-forced scoring) enter the query text with `retrieval_query=forward_input`."""
         if not queries:
             return []
-        reps = self.module.query(self.features([q.prompt for q in queries]))
-        sentinel = self.module.similarity(reps, self.module.sentinel_rep())[:, 0]
+        reps = self.module.query(self.features(self.query_texts(queries, targets)))
+        sentinel = self.module.similarity(reps, self.sentinel_key)[:, 0]
         decisions = []
         if len(self.ids):
             best, index = self.module.similarity(reps, self.keys).max(dim=1)
@@ -530,7 +759,7 @@ class Recipe(Method):
         return [Answer(text, meta=self._meta(d)) for text, d in zip(texts, decisions)]
 
     def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
-        decisions = self.retrieve(queries)
+        decisions = self.retrieve(queries, targets)
         pairs = [(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)]
         scores: list[TargetScore | None] = [None] * len(queries)
         plain = [i for i, d in enumerate(decisions) if d["index"] is None]
@@ -563,13 +792,17 @@ class Recipe(Method):
             raise KBenchError(f"{directory}: the saved RECIPE knowledge base does not fit this configuration")
         self.ids, self.decisions = list(state["ids"]), dict(state["decisions"])
         self.keys, self.prompts = tensors["keys"].to(self.lm.device), tensors["prompts"].to(self.lm.device)
+        with torch.no_grad():  # of the module as restored now, whatever it was when this object was built
+            self.sentinel_key = self.sentinel_rep()
 
     # ------------------------------------------------------------------ accounting
     def extra_storage_bytes(self) -> int:
-        """The knowledge base (keys + prompts) and the trained module; the frozen encoder, shared with
-        dense retrieval, is not counted."""
+        """The knowledge base (keys + prompts), the trained module and, when RECIPE fine-tuned it, the
+        encoder (its own copy); a frozen encoder, shared with dense retrieval, is not counted."""
         stored = sum(t.numel() * t.element_size() for t in (self.keys, self.prompts))
         module = sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+        if self.knobs["train_encoder"]:
+            module += sum(t.numel() * t.element_size() for t in self.encoder.state_dict().values())
         return stored + module
 
     def info(self) -> dict[str, Any]:
@@ -578,6 +811,7 @@ class Recipe(Method):
         return {
             "prepare": self.prepare_info,
             "knowledge_base_entries": len(self.ids),
+            "retrieval_query": self.retrieval_query,
             "retrieval": {
                 "queries": queries, "empty_store": self.decisions["empty_store"], "accepted": accepted,
                 "rejected_by_sentinel": searched - accepted,

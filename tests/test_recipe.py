@@ -1,20 +1,27 @@
-"""RECIPE-style continuous prompts on the tiny real model: sentinel, exact memory-off path, save/load."""
+"""RECIPE continuous prompts on the tiny real model: sentinel, exact memory-off path, save/load, the
+reference's trainable encoder and retrieval query, and the knobs that deviate from it."""
 import json
 import math
+import random
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from core.types import GenerationSpec, KBenchError, Knowledge, Query
 from methods.base import BaseMethod
-from methods.recipe import Recipe, hinged_nll, training_edits
+from methods.recipe import Recipe, _TrainingData, hinged_nll, is_reference_encoder, training_edits
 from tasks.editing import EditingTask
 from tasks.synthetic import SyntheticTask
 from tests.conftest import compose_config, read_record
 
 GENERAL = [["What is the capital of France?", "Paris"], ["Who wrote Romeo and Juliet?", "William Shakespeare"]]
 UNRELATED = Query(id="unrelated", prompt="Question: How many legs does a spider have?\nAnswer:")  # never in training
-FAST = dict(epochs=2, retrieval_epochs=20, batch_size=8, lr=1e-3, seed=0)
+# the earlier CPU variant (docs/recipe.md, "previous behaviour"): frozen encoder, cheap retrieval epochs
+PREVIOUS = dict(train_encoder=False, rep_dim=256, sentinel="feature_vector", head_init="shared_projection",
+                standardise=True, lr=1e-3, epochs=2, retrieval_epochs=20, max_grad_norm=1.0, similarity="cosine",
+                temperature=20.0, contrastive_negatives=64, edit_gradients="prompt_generator", retrieval_query="prompt")
+FAST = PREVIOUS | dict(batch_size=8, seed=0)
 SPEC = GenerationSpec(max_new_tokens=4, stop=("\n",))
 
 
@@ -188,7 +195,7 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(tmp_path, overrides):
     from runners.experiment import Experiment
 
     cfg = compose_config("model=tiny", "logger=none", "method=recipe", "method.epochs=1", "method.retrieval_epochs=2",
-                         "method.cache=false", *overrides)
+                         "method.cache=false", "method.rep_dim=64", "method.retrieval_query=prompt", *overrides)
     Experiment(cfg, tmp_path, names={"method": "recipe", "task": "t", "model": "tiny"}).run()
     record = read_record(tmp_path)
     assert record["status"] == "done", record["error"]
@@ -200,6 +207,9 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(tmp_path, overrides):
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     probed = [r for r in rows if not r["probe_set"].startswith("pre_edit")]  # the pre-edit pass sees no store
     assert probed and all("retrieved_knowledge_ids" in r["method_meta"] for r in probed)
+    # every metric's protocol names the knobs off the reference, the retrieval query among them
+    assert record["method_deviations"]["retrieval_query"] == "'prompt' (reference: 'forward_input')"
+    assert record["metric_protocols"] and all("retrieval_query='prompt'" in p for p in record["metric_protocols"].values())
 
 
 def test_state_round_trip_restores_the_knowledge_base(trained, lm, task, tmp_path):
@@ -213,3 +223,91 @@ def test_state_round_trip_restores_the_knowledge_base(trained, lm, task, tmp_pat
     queries = [UNRELATED, *edit_queries(task, 1)]
     assert fresh.ids == trained.ids and torch.equal(fresh.prompts, trained.prompts)
     assert [a.text for a in fresh.answer(queries, SPEC)] == [a.text for a in trained.answer(queries, SPEC)]
+
+
+def test_the_two_retrieval_queries_retrieve_differently(lm):
+    """The reference's hook retrieves on the whole forward input (teacher-forced: prompt + target without
+    its last token), `prompt` on the prompt alone. With the query head made the knowledge head and cosine
+    similarity, retrieval ranks by the encoder's own similarity, so each mode finds the stored statement
+    identical to what it reads: one store entry is the prompt, the other the teacher-forced input."""
+    prompt = "Question: Which river flows through Velmora?\nAnswer:"
+    target = " the Silver Brook of the northern hills"
+    teacher_forced = lm.decode(lm.prompt_ids(prompt) + lm.encode(target)[:-1])
+    assert teacher_forced.startswith(prompt.split("\n")[0]) and "Silver Brook" in teacher_forced
+    store = [Knowledge(id="as_prompt", context=prompt), Knowledge(id="as_input", context=teacher_forced)]
+    query = [Query(id="q", prompt=prompt)]
+    got = {}
+    for mode in ("prompt", "forward_input"):
+        method = Recipe(lm, cache=False, retrieval_query=mode, similarity="cosine", rep_dim=64,
+                        sentinel="feature_vector", head_init="shared_projection", train_encoder=False)
+        method.module.query_head.load_state_dict(method.module.knowledge_head.state_dict())
+        method.trained = True
+        method.inject(store)
+        (scored,) = method.score(query, [target])
+        (generated,) = method.answer(query, SPEC)
+        got[mode] = (scored.meta["retrieved_knowledge_ids"], generated.meta["retrieved_knowledge_ids"])
+        assert method.info()["retrieval_query"] == mode
+    assert got["prompt"] == (["as_prompt"], ["as_prompt"])
+    # scoring reads the target too; generation's forward input is the prompt, as in the reference
+    assert got["forward_input"] == (["as_input"], ["as_prompt"])
+
+
+@pytest.mark.parametrize("edit_gradients", ["all", "prompt_generator"])
+def test_edit_loss_gradients_reach_the_encoder_as_in_the_reference(lm, task, edit_gradients):
+    edits = training_edits(task.training_knowledge())[:4]
+    method = Recipe(lm, cache=False, rep_dim=64, train_encoder=True, edit_gradients=edit_gradients)
+    data = _TrainingData(edits, method.features, random.Random(0), cached=False)
+    params = method.trained_parameters(retrieval_only=False)
+    assert {id(p) for p in method.encoder.parameters()} <= {id(p) for p in params}
+    method.module.requires_grad_(True)
+    method.encoder.requires_grad_(True)
+    keys = method.module.knowledge(data.text_features([e.statement for e in edits]))
+    parts = method.edit_losses(edits, keys, data)
+    assert float(parts["reliability"].detach()) > 0  # untrained prompts: the targets are not won yet
+    sum(parts.values()).backward()
+
+    def reached(module: torch.nn.Module) -> bool:
+        return any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in module.parameters())
+
+    assert reached(method.module.prompt_out)
+    assert reached(method.module.knowledge_head) == reached(method.encoder) == (edit_gradients == "all")
+    assert not reached(method.module.query_head)  # the edit losses never see a query
+
+
+def test_reference_training_moves_the_encoder_and_saves_its_curves(lm, task, tmp_path, monkeypatch):
+    monkeypatch.setenv("KBENCH_CACHE", str(tmp_path))
+    method = Recipe(lm, rep_dim=64, epochs=1, retrieval_epochs=1, lr=1e-4)
+    before = {n: t.clone() for n, t in method.encoder.state_dict().items()}
+    method.prepare(task.training_knowledge()[:16])
+    after = method.encoder.state_dict()
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    info = method.info()["prepare"]
+    assert [(e["phase"], e["epoch"]) for e in info["epochs"]] == [("retrieval", 0), ("retrieval", 1), ("joint", 0), ("joint", 1)]
+    assert all(0 <= e["retrieval_prompt"] <= 1 and 0 <= e["sentinel_rejection"] <= 1 for e in info["epochs"])
+    png = tmp_path / "recipe" / (method.identity(training_edits(task.training_knowledge()[:16])) + ".png")
+    assert info["curves"] == str(png) and png.stat().st_size > 1000
+    steps = json.loads(png.with_suffix(".json").read_text())["steps"]
+    assert len(steps) == 4 and {"reliability", "batch_retrieval", "batch_rejection"} <= set(steps[-1])
+    # the fine-tuned encoder is part of the saved module: a cached load restores it
+    again = Recipe(lm, rep_dim=64, epochs=1, retrieval_epochs=1, lr=1e-4)
+    again.prepare(task.training_knowledge()[:16])
+    assert again.info()["prepare"]["source"] == "cache"
+    assert all(torch.equal(after[n], t) for n, t in again.encoder.state_dict().items())
+    assert again.extra_storage_bytes() > sum(t.numel() * 4 for t in after.values())
+
+
+def test_deviations_from_the_reference_are_listed(lm):
+    cfg = OmegaConf.to_container(compose_config("model=tiny", "method=recipe").method, resolve=True)
+    cfg.pop("_target_")
+    default = Recipe(lm, **cfg)
+    # the shipped defaults deviate only in the encoder and the CPU schedule
+    assert set(default.reference_deviations()) == {"encoder", "lr", "epochs"}
+    assert default.reference_deviations()["lr"] == "0.0001 (reference: 1e-05)"
+    previous = Recipe(lm, **(cfg | PREVIOUS)).reference_deviations()
+    assert previous["retrieval_query"] == "'prompt' (reference: 'forward_input')"
+    assert previous["edit_gradients"] == "'prompt_generator' (reference: 'all')"
+    assert set(PREVIOUS) - {"epochs"} <= set(previous)
+    assert is_reference_encoder("/models/roberta-base/") and not is_reference_encoder("embedded:all-minilm-l6-v2")
+    reference = OmegaConf.to_container(compose_config("model=tiny", "+experiment=reference_recipe").method, resolve=True)
+    assert {k: reference[k] for k in Recipe.reference if k != "encoder"} == {
+        k: v for k, v in Recipe.reference.items() if k != "encoder"}
