@@ -584,50 +584,9 @@ class Recipe(Method):
             self.encoder.train(training)
 
     def save_curves(self, stem: Path) -> Path:
-        """The training curves as `<stem>.json` and a PNG `<stem>.png` (edit losses, retrieval accuracy,
-        sentinel rejection per epoch); returns the PNG's path."""
+        """The training curves as `<stem>.json` and `<stem>.png` (`plot_curves`); returns the PNG's path."""
         atomic_write_json(stem.with_suffix(".json"), self.curves)
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        epochs, steps = self.curves["epochs"], self.curves["steps"]
-        order = {"retrieval": 0, "joint": 1}
-        offset = {"retrieval": 0, "joint": self.knobs["retrieval_epochs"] if any(e["phase"] == "retrieval" for e in epochs) else 0}
-        x_of = lambda row: offset[row["phase"]] + row["epoch"]  # noqa: E731
-
-        def per_epoch(key: str) -> tuple[list[float], list[float]]:
-            groups: dict[tuple[int, int], list[float]] = {}
-            for row in steps:
-                if key in row:
-                    groups.setdefault((order[row["phase"]], x_of(row)), []).append(row[key])
-            keys = sorted(groups)
-            return [x - 0.5 for _, x in keys], [sum(groups[g]) / len(groups[g]) for g in keys]
-
-        figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for key in ("reliability", "generality", "locality_kl"):
-            axes[0].plot(*per_epoch(key), marker=".", label=key)
-        axes[0].set_title("edit losses (mean over the epoch's steps)")
-        axes[0].set_yscale("symlog", linthresh=0.1)
-        for key, label in (("retrieval_prompt", "prompts → own edit (probe)"), ("retrieval_rephrase", "rephrases → own edit (probe)")):
-            axes[1].plot([x_of(e) for e in epochs], [e.get(key) for e in epochs], marker="o", label=label)
-        axes[1].plot(*per_epoch("batch_retrieval"), marker=".", linestyle=":", label="in-batch q2k accuracy")
-        axes[1].set_title(f"retrieval above the sentinel ({min(len(steps) and PROBE_EDITS, PROBE_EDITS)} training edits)")
-        axes[2].plot([x_of(e) for e in epochs], [e.get("sentinel_rejection") for e in epochs], marker="o",
-                     label="locality prompts rejected (probe)")
-        axes[2].plot(*per_epoch("batch_rejection"), marker=".", linestyle=":", label="in-batch locality → sentinel")
-        axes[2].set_title("sentinel rejection")
-        for axis in axes:
-            axis.set_xlabel("epoch" + (" (retrieval-only epochs first)" if offset["joint"] else ""))
-            axis.legend(fontsize=8)
-        for axis in axes[1:]:
-            axis.set_ylim(-0.02, 1.02)
-        figure.tight_layout()
-        png = stem.with_suffix(".png")
-        figure.savefig(png, dpi=90)
-        plt.close(figure)
-        return png
+        return plot_curves(self.curves, stem.with_suffix(".png"))
 
     # ------------------------------------------------------------------ saving the trained module
     def save(self, path: str | Path) -> None:
@@ -818,3 +777,54 @@ class Recipe(Method):
                 "rejection_rate": round((searched - accepted) / searched, 4) if searched else None,
             },
         }
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], png: Path) -> Path:
+    """Edit losses, retrieval accuracy and sentinel rejection against training epochs (retrieval-only
+    epochs first): per step (in-batch, thin lines) and per epoch (the probe of `Recipe.probe_retrieval`,
+    markers). Re-plot a saved `<hash>.json` with `plot_curves(json.load(...), Path("out.png"))`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs, steps = curves["epochs"], curves["steps"]
+    offset = {"retrieval": 0, "joint": max((e["epoch"] for e in epochs if e["phase"] == "retrieval"), default=0)}
+    per_epoch: dict[tuple[str, int], int] = {}
+    for row in steps:
+        per_epoch[row["phase"], row["epoch"]] = per_epoch.get((row["phase"], row["epoch"]), 0) + 1
+    seen: dict[tuple[str, int], int] = {}
+    x_step = []
+    for row in steps:  # step i of an epoch of n steps sits at epoch − 1 + i / n
+        key = (row["phase"], row["epoch"])
+        seen[key] = seen.get(key, 0) + 1
+        x_step.append(offset[row["phase"]] + row["epoch"] - 1 + seen[key] / per_epoch[key])
+    x_epoch = [offset[e["phase"]] + e["epoch"] for e in epochs]
+
+    def step_line(axis, key: str, label: str, **style) -> None:
+        points = [(x, row[key]) for x, row in zip(x_step, steps) if key in row]
+        if points:
+            axis.plot(*zip(*points), linewidth=1, label=label, **style)
+
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in ("reliability", "generality", "locality_kl", "query_to_knowledge"):
+        step_line(axes[0], key, key + " (per step)")
+    axes[0].set_title("losses")
+    axes[0].set_yscale("symlog", linthresh=0.1)
+    for key, label in (("retrieval_prompt", "prompts → own edit (probe)"), ("retrieval_rephrase", "rephrases → own edit (probe)")):
+        axes[1].plot(x_epoch, [e.get(key) for e in epochs], marker="o", label=label)
+    step_line(axes[1], "batch_retrieval", "in-batch query → own statement (per step)", linestyle=":")
+    axes[1].set_title(f"retrieval above the sentinel ({PROBE_EDITS} training edits)")
+    axes[2].plot(x_epoch, [e.get("sentinel_rejection") for e in epochs], marker="o", label="locality prompts rejected (probe)")
+    step_line(axes[2], "batch_rejection", "in-batch locality → sentinel (per step)", linestyle=":")
+    step_line(axes[2], "batch_fallback", "in-batch own-absent query → sentinel (per step)", linestyle="--")
+    axes[2].set_title("sentinel rejection")
+    for axis in axes:
+        axis.set_xlabel("epoch" + (" (retrieval-only epochs first)" if offset["joint"] else ""))
+        axis.legend(fontsize=8)
+    for axis in axes[1:]:
+        axis.set_ylim(-0.02, 1.02)
+    figure.tight_layout()
+    figure.savefig(png, dpi=90)
+    plt.close(figure)
+    return png
