@@ -8,6 +8,7 @@ the start of the run (memory torch allocated for tensors; the CUDA context itsel
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from pathlib import Path
@@ -27,6 +28,22 @@ def reset_peaks() -> str:
         return "run"
     except OSError:
         return "process"
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (runnable threads, all processes), or None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def machine_shared(parallel_jobs: int, max_load: float | None, cpus: int | None = None) -> bool:
+    """Whether a run's timings were taken on a machine it did not have alone: the launcher ran several jobs
+    at once, or the 1-minute load average sampled during the run exceeded 1.5 × the CPU count (the run's
+    own threads account for at most about the CPU count; the rest is other work competing for the cores)."""
+    cpus = cpus or os.cpu_count() or 1
+    return parallel_jobs != 1 or (max_load is not None and max_load > 1.5 * cpus)
 
 
 def peaks(scope: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ SLOW = {"memoir", "recipe", "selfparam", "ft_sentences"}  # one to four minutes 
 METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m
            for m in sorted(p.stem for p in (CONF / "method").glob("*.yaml"))]
 COST_KEYS = {"inject_seconds_per_item", "items_injected", "answer_seconds_per_query", "queries", "peak_rss_bytes",
-             "peak_rss_scope", "extra_storage_bytes", "parallel_jobs", "shared_machine"}
+             "peak_rss_scope", "extra_storage_bytes", "parallel_jobs", "max_load_average", "cpu_count", "shared_machine"}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -30,7 +30,17 @@ def test_every_method_records_its_cost_on_the_tiny_model(method, tmp_path: Path)
     assert 0 < cost["answer_seconds_per_query"] * 4 <= record["timings"]["eval"] + 1e-3
     assert cost["peak_rss_bytes"] > 50_000_000 and cost["peak_rss_scope"] in ("run", "process")
     assert cost["extra_storage_bytes"] == record["extra_storage_bytes"]
-    assert (cost["parallel_jobs"], cost["shared_machine"]) == (1, False)
+    # one job: the machine counts as shared only when the load sampled during the run said so
+    assert cost["parallel_jobs"] == 1 and cost["max_load_average"] >= 0
+    assert cost["shared_machine"] == (cost["max_load_average"] > 1.5 * cost["cpu_count"])
+
+
+def test_a_busy_machine_is_shared_even_with_one_job():
+    from core.cost import machine_shared
+
+    assert not machine_shared(1, 2.9, cpus=2) and not machine_shared(1, None, cpus=2)
+    assert machine_shared(1, 3.1, cpus=2)      # more runnable threads than the run's own can account for
+    assert machine_shared(2, 0.0, cpus=2)      # the launcher ran two jobs at once
 
 
 def test_a_joblib_sweep_with_several_jobs_shares_the_machine():

@@ -19,7 +19,7 @@ SETTING = ["task", "method", "model", "variant"]
 GROUP_ALIASES = {"side_effects": ("near_miss", "conflict", "drift")}
 # the record's `cost` keys the `--cost` table shows (docs/records.md)
 COST_COLUMNS = ("inject_seconds_per_item", "answer_seconds_per_query", "peak_rss_bytes", "peak_gpu_bytes",
-                "extra_storage_bytes", "parallel_jobs")
+                "extra_storage_bytes", "parallel_jobs", "max_load_average", "shared_machine")
 
 
 @dataclass
@@ -74,21 +74,29 @@ def setting_id(record: dict[str, Any]) -> str:
 
 
 def variants(records: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """A short label per setting id naming the knobs that tell settings of one (task, method, model) apart."""
+    """A short label per setting id naming the knobs that tell settings of one (task, method, model) apart,
+    and the non-method knobs (task data, size, protocol) that differ anywhere in the task's table."""
     labels: dict[str, str] = {}
     families: dict[tuple, dict[str, dict[str, Any]]] = {}
     for record in records:
         key = (record.get("task"), record.get("method"), record.get("model"))
         families.setdefault(key, {})[setting_id(record)] = _flat(record.get("config", {}))
-    for settings in families.values():
-        if len(settings) == 1:
-            labels |= {sid: "" for sid in settings}
-            continue
-        keys = sorted({k for flat in settings.values() for k in flat})
-        differing = [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in settings.values()}) > 1]
+    for (task, _, _), settings in families.items():
+        # knobs outside the method (task.n_edits, task.source, ...) that differ between any two rows of the
+        # task's table are named in every row of it: methods scored on different data are not comparable
+        tasks_settings = {sid: flat for (t, _, _), family in families.items() if t == task for sid, flat in family.items()}
+        shared = [k for k in _differing(tasks_settings) if not k.startswith(("method.", "model."))]
+        own = _differing(settings) if len(settings) > 1 else []
         for sid, flat in settings.items():
-            labels[sid] = ", ".join(f"{k}={flat.get(k)}" for k in differing) or sid[:8]
+            keys = list(dict.fromkeys([*shared, *own]))
+            labels[sid] = ", ".join(f"{k}={flat.get(k)}" for k in keys) or (sid[:8] if len(settings) > 1 else "")
     return labels
+
+
+def _differing(settings: dict[str, dict[str, Any]]) -> list[str]:
+    """The flat config keys whose values are not the same in every one of `settings`."""
+    keys = sorted({k for flat in settings.values() for k in flat})
+    return [k for k in keys if len({json.dumps(flat.get(k), sort_keys=True) for flat in settings.values()}) > 1]
 
 
 def runs_frame(records: Sequence[dict[str, Any]]) -> pd.DataFrame:

@@ -133,7 +133,12 @@ def cost_table(frame: pd.DataFrame, task: str, reference: str = "base") -> pd.Da
         values = sorted({int(v) for v in runs.get("cost/parallel_jobs", pd.Series(dtype=float)).dropna()})
         if not values:
             return "–"
-        return "alone" if values == [1] else ("shared (n_jobs " + ",".join(map(str, values)) + ")")
+        loads = pd.to_numeric(runs.get("cost/max_load_average", pd.Series(dtype=float)), errors="coerce").dropna()
+        shared = runs.get("cost/shared_machine", pd.Series(dtype=object)).dropna().astype(bool)
+        why = [f"n_jobs {','.join(map(str, values))}"] if values != [1] else []
+        if shared.any() and len(loads):
+            why.append(f"load ≤ {loads.max():.1f}")
+        return f"shared ({'; '.join(why)})" if why else "alone"
 
     rows = []
     for key, runs in grouped:
