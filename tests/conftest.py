@@ -14,6 +14,9 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 SHARED = Path(os.environ.get("KBENCH_SHARED", ROOT.parent / "shared"))
+# configs find shared data through ${oc.env:KBENCH_DATA,../shared/data}, relative to the working folder: point
+# them at the folder the tests use, so a checkout elsewhere (KBENCH_SHARED set) reads the same files
+os.environ.setdefault("KBENCH_DATA", str(SHARED / "data"))
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
