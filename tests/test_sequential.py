@@ -270,8 +270,10 @@ def test_record_holds_R_step_columns_and_a_png(runs):
 
 def test_ft_sentences_keeps_training_across_steps(tmp_path):
     data = copy_data(tmp_path / "copy.jsonl")
-    cfg = sequential_cfg(data, "method=ft_sentences", "method.epochs=1",
-                         "method.sentences.generator.n_sentences=2", "task.n_sequences=1", "task.length=2")
+    # the filter off: the tiny reader's generated pairs are nonsense its own reading rejects (the filter has
+    # its own tests in test_pairs.py); this test is about one adapter trained on across injections
+    cfg = sequential_cfg(data, "method=ft_sentences", "method.epochs=1", "method.sentences.generator.n_sentences=2",
+                         "method.sentences.generator.min_answer_prob=0", "task.n_sequences=1", "task.length=2")
     record, _ = run(cfg, tmp_path / "run")
     assert record["status"] == "done", record["error"]
     storage = [s["extra_storage_bytes"] for s in record["steps"]]
