@@ -131,7 +131,7 @@ def test_generator_that_finds_nothing_fails_clearly(tiny_lm, tmp_path, monkeypat
         def generate_pairs(self, context, lm, attempt):
             return []
 
-    with pytest.raises(KBenchError, match="produced no 'Question: ... Answer: ...' pair for 'x' in 2 attempts"):
+    with pytest.raises(KBenchError, match=r"produced no 'Question: ... Answer: ...' pair for 'x' .*in 2 attempts \(0 generated\)"):
         Mute(prompt="{context} Question:", max_attempts=2)(Knowledge(id="x", context="some text"), tiny_lm)
 
 
@@ -144,11 +144,12 @@ def test_generated_sentences_are_cached_per_context_and_config(tiny_lm, tmp_path
             calls.append(context)
             return [(f"What is in {context}?", "a fact"), ("Second?", "yes")]
 
-    generator = Scripted(n_sentences=2, prompt="{context} Question:")
+    # the teacher filter off: this is about caching, and the tiny reader rejects scripted answers it cannot read
+    generator = Scripted(n_sentences=2, prompt="{context} Question:", min_answer_prob=0)
     first = generator(Knowledge(id="a", context="ctx one"), tiny_lm)
     assert first == ["Question: What is in ctx one?\nAnswer: a fact\n", "Question: Second?\nAnswer: yes\n"]
     assert generator(Knowledge(id="a", context="ctx one"), tiny_lm) == first
     assert len(calls) == 1
     generator(Knowledge(id="b", context="ctx two"), tiny_lm)
-    Scripted(n_sentences=1, prompt="{context} Question:")(Knowledge(id="a", context="ctx one"), tiny_lm)
+    Scripted(n_sentences=1, prompt="{context} Question:", min_answer_prob=0)(Knowledge(id="a", context="ctx one"), tiny_lm)
     assert len(calls) == 3  # a new context and a new config both miss the cache
