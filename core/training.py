@@ -273,6 +273,18 @@ def train(
     """
     if not examples:
         raise ValueError("nothing to train on: the example list is empty")
+    # dropout draws from torch's global generators: seeded here (inside a fork, so nothing outside sees it),
+    # its masks depend on `seed` alone, not on what ran before, and a run resumed after step k trains
+    # exactly like the uninterrupted one
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _train(params, examples, loss_fn, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                      weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, desc=desc, groups=groups)
+
+
+def _train(params, examples, loss_fn, *, epochs, lr, batch_size, grad_accum, weight_decay, max_grad_norm, seed, desc,
+           groups) -> list[float]:
     masters = fp32_masters(params)  # optimiser state and updates in fp32 (trainable pieces are fp32 already)
     optimised = [p if m is None else m for p, m in zip(params, masters)]
     optimizer = torch.optim.AdamW(optimised, lr=lr, weight_decay=weight_decay)
