@@ -112,8 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compare: {err}", file=sys.stderr)
         return 2
     print(f"A = {args.run_a}\nB = {args.run_b}\ndifference = B − A; 95 % paired cluster-bootstrap interval; "
-          f"two-sided paired permutation p-value (with {args.resamples} random resamples it cannot go below "
-          f"{2 / (args.resamples + 1):.4f}: read that value as p <= {2 / (args.resamples + 1):.4f})")
+          f"two-sided paired permutation p-value. Its floor: 2 / 2^n_units when 2^n_units <= {args.resamples} "
+          f"(the test is then exact: 0.25 for 3 units, 0.0625 for 5), else {2 / (args.resamples + 1):.4f} "
+          f"(read that value as p <= {2 / (args.resamples + 1):.4f}). With fewer than about 10 units the bootstrap "
+          "interval is too narrow (it can exclude 0 while p is large): trust the p-value there")
     print(table.to_markdown(index=False, floatfmt=".4f"))
     return 0
 
