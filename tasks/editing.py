@@ -446,8 +446,10 @@ class EditingTask(Task):
         return self._aggregate(results)
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
-        """The protocol's metrics (and the pre-edit reference); the stream's are in `report`."""
-        return self._aggregate(_final(results))
+        """The protocol's metrics, then the pre-edit reference (tables list them in this order); the stream's
+        are in `report`."""
+        metrics = self._aggregate(_final(results))
+        return dict(sorted(metrics.items(), key=lambda item: item[0].startswith("pre_edit/")))
 
     def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
         """The unit is the edit with all its probes: each metric's per-edit means (the macro average's terms)."""
