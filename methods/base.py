@@ -24,7 +24,28 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from core.lm import LM
-from core.types import Answer, GenerationSpec, Knowledge, Query, TargetScore
+from core.types import Answer, GenerationSpec, KBenchError, Knowledge, Query, TargetScore
+
+
+def edit_pairs(item: Knowledge, answer_marker: str, method: str) -> list[tuple[str, str]]:
+    """The (prompt, target) pairs an editor writes for one piece of knowledge: task=editing's structured edit
+    (`meta["prompt"]`, `meta["target"]`), else each QA training sentence split at its last `answer_marker`
+    ("Question: q\nAnswer:" | " a"). Raises KBenchError naming the knowledge and sentence that have neither."""
+    if "prompt" in item.meta and "target" in item.meta:
+        return [(item.meta["prompt"], item.meta["target"])]
+    pairs = []
+    for sentence in item.train_sentences:
+        head, marker, tail = sentence.rpartition(answer_marker)
+        if not marker or not tail.strip():
+            raise KBenchError(
+                f"method={method} edits (prompt, target) pairs: knowledge {item.id!r} has no structured edit in its meta "
+                f"and its training sentence {sentence!r} has no answer after {answer_marker!r} "
+                "(set method.answer_marker, or use task=editing)"
+            )
+        pairs.append((head + marker, tail.rstrip("\n")))
+    if not pairs:
+        raise KBenchError(f"method={method}: knowledge {item.id!r} carries neither a structured edit nor QA sentences")
+    return pairs
 
 
 class Method:

@@ -51,7 +51,7 @@ from core.lm import LM
 from core.options import checked
 from core.progress import progress
 from core.types import Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, PositiveFloat, PositiveInt, Query, TargetScore
-from methods.base import Method
+from methods.base import Method, edit_pairs
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +71,6 @@ def resolve_layer(lm: LM, layer: int | float, module: str) -> tuple[int, torch.n
     if not isinstance(target, torch.nn.Linear):
         raise ValueError(f"method.module={module!r} is a {type(target).__name__}, not a Linear layer")
     return index, target
-
-
-def edit_pairs(item: Knowledge, answer_marker: str, method: str) -> list[tuple[str, str]]:
-    """(prompt, target) pairs of one piece of knowledge: the structured edit, else its QA sentences."""
-    if "prompt" in item.meta and "target" in item.meta:
-        return [(item.meta["prompt"], item.meta["target"])]
-    pairs = []
-    for sentence in item.train_sentences:
-        head, marker, tail = sentence.rpartition(answer_marker)
-        if not marker or not tail.strip():
-            raise KBenchError(f"method={method} edits (prompt, target) pairs: knowledge {item.id!r} has no structured "
-                              f"edit and its sentence {sentence!r} has no answer after {answer_marker!r}")
-        pairs.append((head + marker, tail.rstrip("\n")))
-    if not pairs:
-        raise KBenchError(f"method={method}: knowledge {item.id!r} carries neither a structured edit nor QA sentences")
-    return pairs
 
 
 class FrozenPrefix:

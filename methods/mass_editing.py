@@ -63,7 +63,7 @@ from core.io import atomic_write_json, cache_dir, note_input, stable_hash
 from core.lm import LM
 from core.progress import progress
 from core.types import Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, Query, TargetScore
-from methods.base import Method
+from methods.base import Method, edit_pairs
 
 log = logging.getLogger(__name__)
 
@@ -333,18 +333,7 @@ class MassEditor(Method):
         """The structured edit of task=editing, else QA sentences split at the answer marker."""
         if "prompt" in item.meta and "target" in item.meta:
             return [EditRequest(item.id, item.meta["prompt"], item.meta["target"], item.meta.get("subject"))]
-        requests = []
-        for sentence in item.train_sentences:
-            head, marker, tail = sentence.rpartition(self.answer_marker)
-            if not marker or not tail.strip():
-                raise KBenchError(
-                    f"method={self.name} edits (prompt, target) pairs: knowledge {item.id!r} has no structured edit and "
-                    f"its sentence {sentence!r} has no answer after {self.answer_marker!r} (use task=editing)"
-                )
-            requests.append(EditRequest(item.id, head + marker, tail.rstrip("\n")))
-        if not requests:
-            raise KBenchError(f"method={self.name}: knowledge {item.id!r} carries neither a structured edit nor QA sentences")
-        return requests
+        return [EditRequest(item.id, prompt, target) for prompt, target in edit_pairs(item, self.answer_marker, self.name)]
 
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
         for item in knowledge:

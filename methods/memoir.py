@@ -76,7 +76,7 @@ from core.types import (
     Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat, PositiveFloat, PositiveInt, Query,
     TargetScore, UnitFloat,
 )
-from methods.base import Method
+from methods.base import Method, edit_pairs
 
 log = logging.getLogger(__name__)
 
@@ -475,22 +475,8 @@ class MemoirMethod(Method):
 
     # ------------------------------------------------------------------ editing
     def edit_pairs(self, item: Knowledge) -> list[tuple[str, str]]:
-        """(prompt, target) pairs of one piece of knowledge: the structured edit, else QA sentences."""
-        if "prompt" in item.meta and "target" in item.meta:
-            return [(item.meta["prompt"], item.meta["target"])]
-        pairs = []
-        for sentence in item.train_sentences:
-            head, marker, tail = sentence.rpartition(self.answer_marker)
-            if not marker or not tail.strip():
-                raise KBenchError(
-                    f"method=memoir edits (prompt, target) pairs: knowledge {item.id!r} has no structured edit in its meta "
-                    f"and its training sentence {sentence!r} has no answer after {self.answer_marker!r} "
-                    "(set method.answer_marker, or use task=editing)"
-                )
-            pairs.append((head + marker, tail.rstrip("\n")))
-        if not pairs:
-            raise KBenchError(f"method=memoir: knowledge {item.id!r} carries neither a structured edit nor QA sentences")
-        return pairs
+        """(prompt, target) pairs of one piece of knowledge (`methods.base.edit_pairs`)."""
+        return edit_pairs(item, self.answer_marker, self.name)
 
     def inject(self, knowledge: Sequence[Knowledge]) -> None:
         if self.background_mean is None:

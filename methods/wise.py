@@ -60,8 +60,8 @@ from core.types import (
     Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat, PositiveFloat, PositiveInt,
     Query, TargetScore, UnitFloat,
 )
-from methods.base import Method
-from methods.grace import FrozenPrefix, edit_pairs, resolve_layer
+from methods.base import Method, edit_pairs
+from methods.grace import FrozenPrefix, resolve_layer
 
 log = logging.getLogger(__name__)
 
