@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from core import general_text
-from core.io import atomic_write_json, cache_dir, note_input, stable_hash
+from core.cache import cache_entry, read_tensors, write_entry
+from core.io import atomic_write_json, note_input, stable_hash
 from core.lm import LM
 from core.progress import progress
 from core.types import Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, Query, TargetScore
@@ -238,9 +239,10 @@ class MassEditor(Method):
                 documents, digests = self._texts()
             key = stable_hash({"model": self._fingerprint(l), "layer": l, "module": self.module, "texts": digests,
                                "tokens": self.stats_tokens, "chunk": self.stats_chunk_tokens, "version": 1}, 24)
-            path = cache_dir("mass_editing") / f"mom2-{key}.safetensors"
+            # one pass computes every missing layer, so the entries are read and written one by one (core.cache)
+            path = cache_entry("mass_editing", f"mom2-{key}", "safetensors")
             if path.is_file():
-                self.cov[l] = load_file(str(path))["mom2"].to(self.modules[l].weight.device)
+                self.cov[l] = read_tensors(path)[0]["mom2"].to(self.modules[l].weight.device)
                 note_input(path)
                 self.stats_info[str(l)] = json.loads((path.with_suffix(".json")).read_text()) | {"source": "cache"}
             else:
@@ -295,8 +297,8 @@ class MassEditor(Method):
             mom2 = (sums[l] / max(tokens, 1)).float()
             meta = {"tokens": tokens, "chunks": used, "texts": [str(p) for p in self.stats_paths], "text_sha256": digests,
                     "seconds": round(seconds, 1), "model": self.lm.name, "layer": l, "module": self.module}
-            save_file({"mom2": mom2.contiguous()}, str(path))
-            atomic_write_json(path.with_suffix(".json"), meta)
+            atomic_write_json(path.with_suffix(".json"), meta)  # before the tensors: an entry is complete once they exist
+            write_entry(path, ({"mom2": mom2}, None), "safetensors")
             self.cov[l] = mom2.to(self.modules[l].weight.device)
             self.stats_info[str(l)] = meta | {"source": "computed"}
         log.info("%s: key statistics of layers %s from %d tokens in %.0f s", self.name, list(paths), tokens, seconds)

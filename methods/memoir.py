@@ -68,7 +68,8 @@ from pydantic import Field
 from transformers import GenerationConfig
 
 from core import general_text
-from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
+from core.cache import disk_cached, text_list
+from core.io import atomic_write_json, stable_hash
 from core.lm import LM, TokenBatch
 from core.options import checked
 from core.progress import progress
@@ -433,14 +434,12 @@ class MemoirMethod(Method):
         identity = {"model": self.lm.name, "starts": self.augment_starts, "lengths": self.augment_lengths,
                     "start_ids": list(self.lm.start_ids), "decoding": decoding,
                     "seed": self.seed if decoding["do_sample"] else None}
-        path = cache_dir("memoir") / f"prefixes-{stable_hash(identity)}.json"
-        if path.is_file():
-            cached = read_json(path, "a cached JSON list of MEMOIR augmentation prefixes")
-            if isinstance(cached, list) and all(isinstance(c, str) for c in cached):
-                note_input(path)
-                self._prefixes = cached
-                return cached
-            log.warning("%s is not a list of strings; generating the prefixes again", path)
+        self._prefixes = disk_cached("memoir", f"prefixes-{stable_hash(identity)}", lambda: self._generate_prefixes(decoding),
+                                     what="a cached JSON list of MEMOIR augmentation prefixes", valid=text_list)
+        log.info("memoir: %d augmentation prefixes, e.g. %r", len(self._prefixes), self._prefixes[:2])
+        return self._prefixes
+
+    def _generate_prefixes(self, decoding: dict[str, Any]) -> list[str]:
         prefixes: list[str] = []
         with torch.inference_mode():
             for length, n_gen in self.augment_lengths:
@@ -454,10 +453,6 @@ class MemoirMethod(Method):
                     out = self.lm.model.generate(input_ids=torch.tensor([ids], device=self.lm.device), generation_config=config)
                     start = len(self.lm.start_ids)
                     prefixes += [self.lm.decode(row[start:].tolist()).strip() for row in out]
-        atomic_write_json(path, prefixes)
-        note_input(path)
-        log.info("memoir: %d augmentation prefixes, e.g. %r", len(prefixes), prefixes[:2])
-        self._prefixes = prefixes
         return prefixes
 
     def training_rows(self, prompt: str, target: str, position: int) -> tuple[list[tuple[list[int], list[int]]], int]:

@@ -43,7 +43,8 @@ from typing import Any, Literal
 import torch
 
 from core import general_text
-from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
+from core.cache import disk_cached, text_list
+from core.io import atomic_write_json, read_json, stable_hash
 from core.lm import LM
 from core.options import ConfigError, as_dict, validate
 from core.progress import progress
@@ -217,18 +218,16 @@ class SelfParam(FineTuneMethod):
     def _model_samples(self) -> list[str]:
         cfg = self.regularisation_cfg
         key = stable_hash([self.lm.name, {k: cfg[k] for k in ("n_texts", "max_tokens", "temperature", "seed")}])
-        path = cache_dir("regularisation") / f"{key}.json"
-        if path.is_file():
-            note_input(path)
-            return read_json(path, "a cached JSON list of texts")
-        spec = GenerationSpec(max_new_tokens=cfg["max_tokens"], stop=())
-        texts: list[str] = []
-        for start in progress(range(0, cfg["n_texts"], 16), desc="regularisation text"):
-            n = min(16, cfg["n_texts"] - start)
-            texts += self.lm.sample(self.lm.start_ids, n, spec, cfg["temperature"], 1.0, seed=cfg["seed"] + start)
-        atomic_write_json(path, texts)
-        note_input(path)  # what later runs read from the cache: part of this run's inputs too
-        return texts
+
+        def sample() -> list[str]:
+            spec = GenerationSpec(max_new_tokens=cfg["max_tokens"], stop=())
+            texts: list[str] = []
+            for start in progress(range(0, cfg["n_texts"], 16), desc="regularisation text"):
+                n = min(16, cfg["n_texts"] - start)
+                texts += self.lm.sample(self.lm.start_ids, n, spec, cfg["temperature"], 1.0, seed=cfg["seed"] + start)
+            return texts
+
+        return disk_cached("regularisation", key, sample, what="a cached JSON list of texts", valid=text_list)
 
     def _next_regularisation(self) -> list[int]:
         """The next unused text of the pool (the reference reads a fresh document per QA step)."""

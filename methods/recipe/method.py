@@ -14,7 +14,8 @@ from pydantic import Field
 from safetensors.torch import load_file, save_file
 
 from core.encoder import load_sentence_encoder
-from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
+from core.cache import Tensors, cache_entry, disk_cached, write_tensors
+from core.io import atomic_write_json, read_json, stable_hash
 from core.lm import LM
 from core.options import ConfigError, checked
 from core.progress import progress
@@ -26,7 +27,7 @@ from methods.base import Method
 from methods.recipe.curves import save_curves
 from methods.recipe.edits import TrainingEdit, training_edits
 from methods.recipe.module import RecipeModule, pooled_features
-from methods.recipe.storage import FORMAT, load_module, save_module
+from methods.recipe.storage import FORMAT, module_file, read_module, split_module
 from methods.recipe.training import RecipeTraining
 
 log = logging.getLogger(__name__)
@@ -181,27 +182,32 @@ class Recipe(RecipeTraining, Method):
                 "(training_knowledge() is empty). Use a task with held-out edits (task=editing with "
                 "task.n_train > 0, task=synthetic with task.n_train_contexts > 0) or pass method.checkpoint=FILE."
             )
-        path = cache_dir("recipe") / f"{self.identity(edits)}.safetensors"
-        if self.cache and path.is_file():
-            self.load(path)
+        key, trained_now = self.identity(edits), []
+
+        def train_module() -> Tensors:
+            trained_now.append(True)
+            losses = self.fit(edits)
+            first_last = lambda values: [round(values[0], 4), round(values[-1], 4)] if values else None  # noqa: E731
+            self.prepare_info = {
+                "source": "trained", "train_seconds": round(time.perf_counter() - started, 3),
+                "train_edits": len(edits), "statements": len({e.statement for e in edits}),
+                "retrieval_steps": len(self.retrieval_losses), "retrieval_loss_first_last": first_last(self.retrieval_losses),
+                "joint_steps": len(losses), "joint_loss_first_last": first_last(losses),
+                "final_loss_components": self.last_components,
+                "epochs": self.curves["epochs"],
+            }
+            return self.saved_module()
+
+        saved = disk_cached("recipe", key, train_module, what="a trained RECIPE module", format="safetensors",
+                            enabled=self.cache)
+        path = cache_entry("recipe", key, "safetensors")
+        if not trained_now:
+            self.restore(path, saved)
             self.prepare_info = {"source": "cache", "path": str(path)} | self._saved_facts
             log.info("recipe: loaded the module trained earlier on the same data and knobs from %s", path)
-            return
-        losses = self.fit(edits)
-        first_last = lambda values: [round(values[0], 4), round(values[-1], 4)] if values else None  # noqa: E731
-        self.prepare_info = {
-            "source": "trained", "train_seconds": round(time.perf_counter() - started, 3),
-            "train_edits": len(edits), "statements": len({e.statement for e in edits}),
-            "retrieval_steps": len(self.retrieval_losses), "retrieval_loss_first_last": first_last(self.retrieval_losses),
-            "joint_steps": len(losses), "joint_loss_first_last": first_last(losses),
-            "final_loss_components": self.last_components,
-            "epochs": self.curves["epochs"],
-        }
-        if self.cache:
-            self.save(path)
+        elif self.cache:
             self.prepare_info["path"] = str(path)
             self.prepare_info["curves"] = str(save_curves(self.curves, path.with_suffix("")))
-            note_input(path)  # later runs load this file instead of training: it is part of their inputs
 
     def identity(self, edits: Sequence[TrainingEdit]) -> str:
         """Hash of everything that determines the trained module."""
@@ -212,23 +218,31 @@ class Recipe(RecipeTraining, Method):
 
 
     # ------------------------------------------------------------------ saving the trained module
-    def save(self, path: str | Path) -> None:
-        """The trained module (and the encoder, when trained) as safetensors; the metadata records what
-        it was trained for."""
+    def saved_module(self) -> Tensors:
+        """The trained module (and the encoder, when trained) with metadata recording what it was trained for."""
         tensors = dict(self.module.state_dict())
         if self.knobs["train_encoder"]:
             tensors |= {f"encoder.{n}": t for n, t in self.encoder.state_dict().items()}
-        save_module(path, tensors, {
+        return module_file(tensors, {
             "model": self.lm.name, "encoder": self.encoder_name, "shapes": json.dumps(self._shapes()),
             "knobs": json.dumps(self.knobs), "prepare": json.dumps({k: v for k, v in self.prepare_info.items() if k != "epochs"}),
         })
 
+    def save(self, path: str | Path) -> None:
+        """Write the trained module as safetensors (`saved_module`), for `method.checkpoint`."""
+        write_tensors(path, *self.saved_module())
+
     def load(self, path: str | Path) -> None:
         """Load a module saved by `save`; it must fit this LM's hidden size and these knobs' shapes."""
-        module, encoder, metadata = load_module(path, self._shapes())
+        self.restore(path, read_module(path))
+
+    def restore(self, path: str | Path, saved: Tensors) -> None:
+        """Put a module read from `path` in place (see `split_module` for what is refused)."""
+        module, encoder = split_module(path, saved, self._shapes())
         self.module.load_state_dict({n: t.to(self.lm.device) for n, t in module.items()})
         if encoder:
             self.encoder.load_state_dict({n: t.to(self.encoder.device) for n, t in encoder.items()})
+        metadata = saved[1]
         self._saved_facts = {"trained_for": {"model": metadata.get("model"), "encoder": metadata.get("encoder")},
                              "training": json.loads(metadata.get("prepare", "{}"))}
         self.trained = True
