@@ -1,7 +1,7 @@
 """Retrieval speed and storage at 10k and 100k passages: BM25 (rank_bm25 vs the sparse backend) and
 dense search (faiss flat / HNSW / IVF), each against a NumPy brute-force matmul measured in the same run.
 
-Data: contexts of the synthetic task (`tasks.synthetic.generate_items`, one passage each) and its
+Data: contexts of the synthetic task (`tasks.world.generate.generate_items`, one passage each) and its
 held-out test questions as queries, so every query has a gold passage. Dense vectors are real MiniLM-L6
 embeddings (the embedded encoder, as `method=rag_dense` uses it) of that text; they take minutes to
 compute on CPU and are cached under `$KBENCH_CACHE/benchmarks/retrieval/`.
@@ -35,7 +35,7 @@ from methods.retrieval.bm25 import RankBm25Index, SparseBm25Index  # noqa: E402
 from methods.retrieval.dense import DenseIndex  # noqa: E402
 from methods.retrieval.encoders import SentenceEncoder  # noqa: E402
 from methods.retrieval.tokenizer import WordTokenizer  # noqa: E402
-from tasks.synthetic import generate_items  # noqa: E402
+from tasks.world.generate import generate_items  # noqa: E402
 
 ENCODER = "embedded:all-minilm-l6-v2"
 K = 10

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from core import tiny  # noqa: E402
 from core.types import GenerationSpec  # noqa: E402
 from metrics.qa import qa_scores  # noqa: E402
-from tasks.synthetic import generate_items  # noqa: E402
+from tasks.world.generate import generate_items  # noqa: E402
 
 HELD_OUT_SEEDS = range(1000, 1040)
 

@@ -7,20 +7,14 @@ of the batch. Subclasses only load their data as `QAItem`s.
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from core.options import checked
-from core.types import DataError, GenerationSpec, Knowledge, NonNegativeInt, PositiveInt, Probe, ProbeSet, Query, Step
+from core.types import DataError, GenerationSpec, NonNegativeInt, PositiveInt, Probe, ProbeSet, Query, Step
 from tasks.base import Task
+from tasks.qa_item import QAItem  # re-exported: plugins import it from here (docs/adding_a_task.md)
 
-
-@dataclass(frozen=True)
-class QAItem:
-    """A context as knowledge plus its test questions (each with its gold answers)."""
-
-    knowledge: Knowledge
-    questions: tuple[tuple[str, tuple[str, ...]], ...]
+__all__ = ["ContextQATask", "QAItem"]
 
 
 class ContextQATask(Task):

@@ -1,7 +1,7 @@
 """Knowledge editing (`task=editing`): inject T edits, then measure reliability, generality and locality.
 
 An edit is (prompt, target_new, rephrase prompts, locality prompts + their answers). Sources:
-- `synthetic` (default): facts about generated fictional entities (built on `tasks.synthetic`), asked
+- `synthetic` (default): facts about generated fictional entities (`tasks.world`, the generator of task=synthetic), asked
   as "Question: ...\\nAnswer:"; rephrases are the other phrasings of the same question; each edit has
   two locality prompts: the same question about another, never-edited entity (`same_relation`, the
   hard, CounterFact-neighbourhood kind) and a general-knowledge question from the config (`general`).
@@ -49,7 +49,8 @@ from core.types import (
 )
 from metrics import editing as metrics
 from tasks.base import MetricSample, ProbeResult, Task
-from tasks.synthetic import KINDS, generate_items
+from tasks.world.generate import generate_items
+from tasks.world.relations import KINDS, relations_of
 
 ZSRE_FORMAT = (
     "ZsRE / EasyEdit JSON: a list (or JSON lines) of objects with `src` (prompt), `alt` (new target), "
@@ -198,7 +199,7 @@ def generate_synthetic_edits(
     kinds = len(KINDS)
     stride = -(-n_edits // kinds) * kinds  # a multiple of the kind cycle: entity stride + i has i's kind
     items = generate_items(2 * stride, max(len(r) for _, r in KINDS.values()), 0, seed, "")
-    relations = {kind: {r.name: r for r in rels} for kind, (_, rels) in KINDS.items()}
+    relations = {kind: relations_of(kind) for kind in KINDS}
     edits = []
     for i in range(n_edits):
         meta, neighbour = items[i].knowledge.meta, items[stride + i].knowledge.meta

@@ -24,7 +24,7 @@ Per step, `step_metrics` gives that step's column of R (`{m}_ctx{i}`) for W&B. `
 sequence and its mean in the record (`task_report.retention`) and draws them into `retention.png`.
 Steps depend only on the config, so the same config always gives the same steps and probes.
 
-Side-effect probes (`probes`, tasks/probes.py, docs/side_effects.md): `near_miss` and `drift` as in
+Side-effect probes (`probes`, tasks/side_effects/, docs/side_effects.md): `near_miss` and `drift` as in
 task=synthetic (after each injection); `conflict` makes the last `conflict_updates` contexts of every
 sequence updates of its first ones (every fact re-stated with a new value), so each sequence takes
 `length - conflict_updates` contexts from the source; the updates' questions asked after the update is
@@ -49,7 +49,7 @@ from metrics import qa, retention
 from metrics.uncertainty import mean_se
 from tasks.base import ProbeResult, Task
 from tasks.context_qa import ContextQATask, QAItem
-from tasks.probes import SideEffectProbes
+from tasks.side_effects import SideEffectProbes
 
 PLOT_FILE = "retention.png"
 PROBE_SET = "retention"
@@ -108,7 +108,11 @@ class SequentialTask(Task):
             )
         sequences = [items[s * per_sequence : (s + 1) * per_sequence] for s in range(self.n_sequences)]
         if self.n_updates:
-            sequences = [seq + self.side_effects.updates_of(seq[: self.n_updates], self.source) for seq in sequences]
+            # written like the source's own contexts; a source that generates no facts (pwc) has no such
+            # knobs and fails in update_item with a DataError naming the context
+            writing = (getattr(self.source, "sentence_template", ""), getattr(self.source, "train_questions_per_fact", 0),
+                       getattr(self.source, "train_pairs_per_context", 0))
+            sequences = [seq + self.side_effects.updates_of(seq[: self.n_updates], *writing) for seq in sequences]
         return sequences
 
     def _probes(self, sequence: list[QAItem], index: int, injections: int) -> list[Probe]:

@@ -11,7 +11,8 @@ from core.types import Knowledge
 from methods.selfparam import SelfParam
 from methods.sentences import LocalGenerator, TaskSentences
 from runners.build import build
-from tasks.synthetic import SyntheticTask, generate_items
+from tasks.synthetic import SyntheticTask
+from tasks.world.generate import generate_items
 from tests.conftest import compose_config
 
 TEMPLATE = "Question: {question}\nAnswer: {answer}\n"

@@ -17,7 +17,8 @@ from methods.retrieval.topk import top_k
 from metrics.retrieval import recall_at_k
 from runners.build import ConfigError, build
 from runners.experiment import Experiment
-from tasks.synthetic import SyntheticTask, generate_items
+from tasks.synthetic import SyntheticTask
+from tasks.world.generate import generate_items
 from tests.conftest import compose_config, read_record
 
 SPEC = GenerationSpec(max_new_tokens=2)

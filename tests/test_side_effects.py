@@ -18,16 +18,12 @@ from runners.experiment import Experiment
 from runners.rescore import rescore
 from runners.results import score_probe_set
 from tasks.context_qa import ContextQATask
-from tasks.probes import (
-    NEAR_RELATIONS,
-    load_general_questions,
-    load_generic_text,
-    near_miss_probes,
-    taken_names,
-    update_item,
-)
+from tasks.side_effects.drift_data import load_general_questions, load_generic_text
 from tasks.sequential import SequentialTask
-from tasks.synthetic import KINDS, SyntheticTask, generate_items
+from tasks.synthetic import SyntheticTask
+from tasks.world.generate import generate_items
+from tasks.world.relations import KINDS, NEAR_RELATIONS
+from tasks.world.variants import near_miss_probes, taken_names, update_item
 from tests.conftest import compose_config, read_record
 
 TINY = ["model=tiny", "logger=none", "task=synthetic", "task.n_contexts=2", "task.max_new_tokens=4",

@@ -5,7 +5,9 @@ import pytest
 
 from core.types import DataError
 from tasks.pwc import PwCTask, answer_length
-from tasks.synthetic import KINDS, SyntheticTask, generate_items
+from tasks.synthetic import SyntheticTask
+from tasks.world.generate import generate_items
+from tasks.world.relations import KINDS
 from metrics.qa import normalize_answer
 
 
