@@ -33,7 +33,8 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from core.io import atomic_write_json, cache_dir, note_input, read_json, stable_hash
+from core.cache import disk_cached, text_list
+from core.io import stable_hash
 from core.lm import LM
 from core.progress import progress
 from core.options import ConfigError, checked
@@ -121,14 +122,14 @@ class _CachedGenerator(SentenceSource):
         return [pair for pair, score in zip(pairs, scores) if score.logprob / max(score.n_tokens, 1) >= floor]
 
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]:
-        key = stable_hash([knowledge.context, self.identity(lm)])
-        path = cache_dir("sentences") / f"{key}.json"
-        if path.is_file():
-            cached = read_json(path, "a cached JSON list of sentences")
-            if isinstance(cached, list) and cached and all(isinstance(c, str) and c.strip() for c in cached):
-                return cached
-            # a cache entry edited or cut short by hand must not become empty or non-text training targets
-            log.warning("%s is not a list of non-empty sentences; generating them again", path)
+        """`n_sentences` training sentences for `knowledge`, generated once and cached (`core.cache`) by
+        its context and the generator's `identity`. Raises KBenchError when no pair passes the filter."""
+        # a cache entry edited or cut short by hand must not become empty or non-text training targets
+        return disk_cached("sentences", stable_hash([knowledge.context, self.identity(lm)]),
+                           lambda: self._generate(knowledge, lm), what="a cached JSON list of non-empty sentences",
+                           valid=lambda value: text_list(value, non_empty=True))
+
+    def _generate(self, knowledge: Knowledge, lm: LM) -> list[str]:
         pairs: list[tuple[str, str]] = []
         seen: set[str] = set()  # questions already generated (kept or not), normalised
         self.kept = self.generated = 0
@@ -158,10 +159,7 @@ class _CachedGenerator(SentenceSource):
         if len(pairs) < self.n_sentences:
             log.warning("only %d of %d sentences for %s (%d unique pairs generated, %d kept by the teacher filter)",
                         len(pairs), self.n_sentences, knowledge.id, self.generated, len(pairs))
-        sentences = [self.sentence_template.format(question=q, answer=a) for q, a in pairs[: self.n_sentences]]
-        atomic_write_json(path, sentences)
-        note_input(path)  # what later runs read from the cache: part of this run's inputs too
-        return sentences
+        return [self.sentence_template.format(question=q, answer=a) for q, a in pairs[: self.n_sentences]]
 
 
 class LocalGenerator(_CachedGenerator):
