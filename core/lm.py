@@ -369,6 +369,16 @@ class LM:
         generated = self.model.generate(input_ids=input_ids, generation_config=config, tokenizer=self.tokenizer)
         return [cut_at_stop(self.decode(row[input_ids.shape[1] :].tolist()), spec.stop) for row in generated]
 
+    def sample_texts(self, n: int, max_new_tokens: int, temperature: float, seed: int, batch_size: int = 16) -> list[str]:
+        """`n` texts the model writes from its start tokens alone (no stop string, top-p 1): the model's own
+        text, for regularisation and background rows (SELF-PARAM, MEMOIR, WISE). Sampled in batches of
+        `batch_size`; the batch starting at sample i is seeded `seed + i`. Empty texts are kept."""
+        spec = GenerationSpec(max_new_tokens=max_new_tokens, stop=())
+        texts: list[str] = []
+        for start in progress(range(0, n, batch_size), desc="model text", disable=n <= batch_size or None):
+            texts += self.sample(self.start_ids, min(batch_size, n - start), spec, temperature, 1.0, seed=seed + start)
+        return texts
+
     # ------------------------------------------------------------------ continuous prompts (inputs_embeds)
     @property
     def hidden_size(self) -> int:

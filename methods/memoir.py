@@ -382,8 +382,8 @@ class MemoirMethod(Method):
                 raise KBenchError("method.background_source=edit_prompts needs a task with a training split "
                                   "(Task.training_knowledge)")
         else:
-            spec = GenerationSpec(max_new_tokens=self.background_tokens, stop=())
-            samples = self.lm.sample(self.lm.start_ids, self.n_background, spec, temperature=1.0, top_p=1.0, seed=self.seed)
+            samples = self.lm.sample_texts(self.n_background, self.background_tokens, 1.0, self.seed,
+                                           batch_size=self.n_background)  # one seeded batch, as recorded runs drew them
             texts = [s for s in samples if s.strip()]
         if source == "edit_prompts":
             sequences = [self.prompt_ids(Query(id="", prompt=p)) for p in texts]

@@ -47,10 +47,9 @@ from core.cache import disk_cached, text_list
 from core.io import atomic_write_json, read_json, stable_hash
 from core.lm import LM
 from core.options import ConfigError, as_dict, validate
-from core.progress import progress
 from core.training import reduce_loss
 from core.types import (
-    GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt,
+    KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, Options, PositiveFloat, PositiveInt,
 )
 from methods.finetune import FineTuneMethod
 from methods.sentences import SentenceSource
@@ -219,15 +218,9 @@ class SelfParam(FineTuneMethod):
         cfg = self.regularisation_cfg
         key = stable_hash([self.lm.name, {k: cfg[k] for k in ("n_texts", "max_tokens", "temperature", "seed")}])
 
-        def sample() -> list[str]:
-            spec = GenerationSpec(max_new_tokens=cfg["max_tokens"], stop=())
-            texts: list[str] = []
-            for start in progress(range(0, cfg["n_texts"], 16), desc="regularisation text"):
-                n = min(16, cfg["n_texts"] - start)
-                texts += self.lm.sample(self.lm.start_ids, n, spec, cfg["temperature"], 1.0, seed=cfg["seed"] + start)
-            return texts
-
-        return disk_cached("regularisation", key, sample, what="a cached JSON list of texts", valid=text_list)
+        return disk_cached("regularisation", key,
+                           lambda: self.lm.sample_texts(cfg["n_texts"], cfg["max_tokens"], cfg["temperature"], cfg["seed"]),
+                           what="a cached JSON list of texts", valid=text_list)
 
     def _next_regularisation(self) -> list[int]:
         """The next unused text of the pool (the reference reads a fresh document per QA step)."""

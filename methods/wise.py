@@ -228,7 +228,8 @@ class WiseMethod(Method):
         if rows:
             self.irrelevant, source = rows[: self.n_irrelevant], "training"
         else:
-            samples = self.lm.sample(self.lm.start_ids, self.n_irrelevant, spec(16), temperature=1.0, top_p=1.0, seed=self.seed)
+            samples = self.lm.sample_texts(self.n_irrelevant, 16, 1.0, self.seed,
+                                           batch_size=self.n_irrelevant)  # one seeded batch, as recorded runs drew them
             self.irrelevant, source = [s for s in samples if s.strip()], "model"
         log.info("wise: %d context templates, %d irrelevant rows from %s", len(self.templates), len(self.irrelevant), source)
 
