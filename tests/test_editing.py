@@ -8,7 +8,8 @@ from core.types import Answer, DataError, KBenchError, TargetScore
 from metrics.editing import generated_scores, locality_agreement, macro_average
 from runners.experiment import Experiment
 from tasks.base import ProbeResult
-from tasks.editing import PRE_EDIT, EditingTask, generate_synthetic_edits, load_counterfact, load_zsre
+from tasks.edit_data import generate_synthetic_edits, load_counterfact, load_zsre
+from tasks.editing import PRE_EDIT, EditingTask
 from tests.conftest import compose_config, read_record
 
 ZSRE = [
