@@ -8,6 +8,7 @@ See docs/sweeps.md.
 """
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from core.environment import drift_message, version_drift
 from core.records import git_commit
 from runners import resume
+from runners.overrides import unknown_override
 from runners.experiment import Experiment, results_table, run_identity
 
 log = logging.getLogger("kbench")
@@ -121,4 +123,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if message := unknown_override(sys.argv[1:], Path(__file__).parent / "conf"):
+        sys.exit(f"ConfigError: {message}")  # before Hydra's "use +key" advice, which is wrong for a typo
     main()

@@ -8,6 +8,7 @@ from core.io import cache_dir
 from core.types import DataError, KBenchError
 from runners.build import ConfigError, build
 from runners.experiment import Experiment
+from runners.overrides import unknown_override
 from tests.conftest import compose_config, read_record, run_cli
 
 TINY = ["model=tiny", "logger=none"]
@@ -62,6 +63,25 @@ def test_cli_unknown_method_keeps_hydras_message():
     assert result.returncode != 0
     assert "Could not find 'method/nope'" in result.stderr
     assert "Available options" in result.stderr and "context" in result.stderr
+
+
+def test_cli_mistyped_key_gets_the_known_options_not_hydras_plus_advice(tmp_path):
+    result = run_cli(*TINY, "method=memoir", "task=editing", "method.threshhold=0.5", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert ("ConfigError: method.threshhold: unknown option for methods.memoir.MemoirMethod; "
+            "known options: ['answer_marker'") in result.stderr
+    assert "'threshold'" in result.stderr and "use +method" not in result.stderr
+
+
+def test_a_key_one_swept_method_lacks_is_named_with_that_method():
+    conf = Path(__file__).parents[1] / "conf"
+    message = unknown_override(["-m", "model=tiny", "task=editing", "method=memoir,grace", "method.threshold=0.5"], conf)
+    assert message is not None and message.startswith("method.threshold: unknown option for methods.grace.GraceMethod")
+    assert "'eps'" in message and message.endswith("(with model=tiny task=editing method=grace)")
+    # keys every job has, Hydra's own `+` additions and malformed overrides are left alone
+    assert unknown_override(["-m", "model=tiny", "method=memoir,grace", "method.lr=0.1", "seed=0,1"], conf) is None
+    assert unknown_override(["model=tiny", "+method.extra=1"], conf) is None
+    assert unknown_override(["model=tiny", "method.lr=[1,"], conf) is None
 
 
 def test_cli_wrong_override_type_names_the_key(tmp_path):
