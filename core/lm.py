@@ -38,6 +38,10 @@ def _no_row_state(rows: list[int]) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+class _Captured(Exception):
+    """Raised by `LM.module_inputs`' hooks once everything asked for is captured: the layers above are not run."""
+
+
 @dataclass
 class TokenBatch:
     """Right-padded (prefix + target) sequences; `target_mask` marks the target tokens."""
@@ -163,6 +167,63 @@ class LM:
                 "layer-editing methods support Llama-style decoders (Llama, Gemma, Mistral, Qwen, SmolLM)"
             )
         return layers
+
+    def linear_at(self, layer: int | float, module: str) -> tuple[int, torch.nn.Linear]:
+        """(index, Linear module) of `module` (a path inside a decoder layer, e.g. "mlp.down_proj") in decoder
+        layer `layer`: an int is an index (negative from the top), a float a fraction of the depth
+        (round(layer · n), at most the top layer: one default fits every model). Raises ValueError for a
+        fraction outside [0, 1], an index out of range, or a module that is not a Linear layer."""
+        layers = self.decoder_layers()
+        if isinstance(layer, float):
+            if not 0.0 <= layer <= 1.0:
+                raise ValueError(f"method.layer={layer}: a float is a fraction of the depth and must be in [0, 1]")
+            layer = min(round(layer * len(layers)), len(layers) - 1)
+        if not -len(layers) <= layer < len(layers):
+            raise ValueError(f"method.layer={layer} is out of range: the model has {len(layers)} layers")
+        index = layer % len(layers)
+        target = layers[index].get_submodule(module)
+        if not isinstance(target, torch.nn.Linear):
+            raise ValueError(f"method.module={module!r} is a {type(target).__name__}, not a Linear layer")
+        return index, target
+
+    @torch.no_grad()
+    def module_inputs(
+        self,
+        modules: Sequence[torch.nn.Module],
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        outputs_of: Sequence[torch.nn.Module] = (),
+    ) -> list[torch.Tensor]:
+        """What the editors read inside one forward of the decoder (no output head) over `input_ids` `[B, T]`:
+        the input of each of `modules` (`[B, T, D_in]`: the first positional argument, or `input`), then the
+        output of each of `outputs_of` (a decoder layer's hidden states `[B, T, H]`), detached, each on its
+        module's device. The forward stops once all are captured, so the layers above are not run. Hooks on
+        `modules` themselves do not run (the capture happens before them). Raises KBenchError naming a
+        module that the forward never reached."""
+        captured: dict[int, torch.Tensor] = {}
+        wanted = len(modules) + len(outputs_of)
+
+        def keep(slot: int, value: torch.Tensor) -> None:
+            captured[slot] = value.detach()
+            if len(captured) == wanted:
+                raise _Captured
+
+        handles = [m.register_forward_pre_hook(lambda _m, args, kwargs, slot=slot: keep(slot, args[0] if args else kwargs["input"]),
+                                               with_kwargs=True) for slot, m in enumerate(modules)]
+        handles += [m.register_forward_hook(lambda _m, _a, out, slot=slot: keep(slot, out[0] if isinstance(out, tuple) else out))
+                    for slot, m in enumerate(outputs_of, start=len(modules))]
+        try:
+            self.causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask)
+        except _Captured:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [type(m).__name__ for slot, m in enumerate([*modules, *outputs_of]) if slot not in captured]
+        if missing:
+            raise KBenchError(f"the forward of {type(self.causal_lm).__name__} never reached {missing}: is the "
+                              "module on the decoder's forward path?")
+        return [captured[slot] for slot in range(wanted)]
 
     # ------------------------------------------------------------------ tokens and prompts
     @property

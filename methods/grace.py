@@ -56,23 +56,6 @@ from methods.base import Method, edit_pairs
 log = logging.getLogger(__name__)
 
 
-def resolve_layer(lm: LM, layer: int | float, module: str) -> tuple[int, torch.nn.Linear]:
-    """(index, Linear module) of `module` in decoder layer `layer`: a float is a fraction of the depth
-    (round(layer · n), at most the top layer: one default fits every model), an int an index."""
-    layers = lm.decoder_layers()
-    if isinstance(layer, float):
-        if not 0.0 <= layer <= 1.0:
-            raise ValueError(f"method.layer={layer}: a float is a fraction of the depth and must be in [0, 1]")
-        layer = min(round(layer * len(layers)), len(layers) - 1)
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"method.layer={layer} is out of range: the model has {len(layers)} layers")
-    index = layer % len(layers)
-    target = layers[index].get_submodule(module)
-    if not isinstance(target, torch.nn.Linear):
-        raise ValueError(f"method.module={module!r} is a {type(target).__name__}, not a Linear layer")
-    return index, target
-
-
 class FrozenPrefix:
     """Replays, for one fixed batch, the output of the decoder layers below `index`: they are frozen and do not
     see the edited module, so an edit's training loop computes them once (first `replay`) and afterwards runs
@@ -127,19 +110,13 @@ class FrozenPrefix:
         return result
 
 
-class _StopForward(Exception):
-    """Raised by the hook once the module's input is captured: the layers above are not needed."""
-
-
 class _Codebook:
-    """The forward hook that swaps in a codebook value. Modes: `capture` (record the input, stop the
-    forward), `training` (one value at one position, differentiable), and routed inference inside
+    """The forward hook that swaps in a codebook value. Modes: `training` (one value at one position, differentiable), and routed inference inside
     `rows(values, positions)`: row b gets `values[b]` (None = untouched) at `positions[b]` of the first
     forward of the session (the whole sequence; later forwards are decoding steps)."""
 
     def __init__(self, module: torch.nn.Linear, replacement: str) -> None:
         self.replacement = replacement
-        self.capture: list[torch.Tensor] | None = None
         self.train: tuple[int, torch.Tensor] | None = None
         self.row_values: list[torch.Tensor | None] | None = None
         self.row_positions: list[int] = []
@@ -159,9 +136,6 @@ class _Codebook:
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         x = args[0] if args else kwargs["input"]
-        if self.capture is not None:
-            self.capture.append(x.detach())
-            raise _StopForward
         if self.train is not None:
             position, value = self.train
             return self._replace(output, 0, position, value, first=True)  # out-of-place: autograd sees it
@@ -211,7 +185,7 @@ class GraceMethod(Method):
     ) -> None:
         super().__init__(lm)
         self.layer = layer
-        self.layer_index, self.target_module = resolve_layer(lm, layer, module)
+        self.layer_index, self.target_module = lm.linear_at(layer, module)
         self.eps, self.lr, self.iterations = eps, lr, iterations
         self.value_init, self.eps_expand, self.replacement = value_init, eps_expand, replacement
         self.answer_marker, self.seed = answer_marker, seed
@@ -234,17 +208,9 @@ class GraceMethod(Method):
         for chunk in self.lm.batches(list(prompts), desc="grace keys"):
             ids = [self.lm.prompt_ids(p) for p in chunk]
             batch = self.lm.collate([(i[:-1], i[-1:]) for i in ids])  # right-padded; the last token is the "target"
-            self.hook.capture = []
-            try:
-                self.lm.causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            except _StopForward:
-                pass
-            finally:
-                captured, self.hook.capture = self.hook.capture, None
-            if not captured:
-                raise KBenchError(f"the hook on layer {self.layer_index} never ran: is the module on the forward path?")
-            last = torch.tensor([len(i) - 1 for i in ids], device=captured[0].device)
-            rows.append(captured[0][torch.arange(len(ids), device=last.device), last].float())
+            (captured,) = self.lm.module_inputs([self.target_module], batch.input_ids, batch.attention_mask)
+            last = torch.tensor([len(i) - 1 for i in ids], device=captured.device)
+            rows.append(captured[torch.arange(len(ids), device=last.device), last].float())
         return torch.cat(rows)
 
     def route(self, queries: Sequence[Query]) -> list[tuple[int | None, float]]:
@@ -267,14 +233,9 @@ class GraceMethod(Method):
     def _new_value(self, prompt_ids: list[int], position: int) -> torch.Tensor:
         if self.value_init == "cold":
             return torch.rand(self.values.shape[1], generator=self.generator).to(self.values.device)
-        captured: list[torch.Tensor] = []
-        handle = self.target_module.register_forward_hook(lambda m, a, out: captured.append(out.detach()))
-        try:
-            with torch.no_grad():
-                self.lm.causal_lm.get_decoder()(input_ids=torch.tensor([prompt_ids], device=self.lm.device))
-        finally:
-            handle.remove()
-        return captured[0][0, position].float()
+        (output,) = self.lm.module_inputs([], torch.tensor([prompt_ids], device=self.lm.device),
+                                          outputs_of=[self.target_module])
+        return output[0, position].float()
 
     def _update_codebook(self, key: torch.Tensor, label: list[int], edit_id: str, prompt_ids: list[int]) -> tuple[int, str]:
         """The paper's codebook step for a new edit: which entry to train, and what happened."""

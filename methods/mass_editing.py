@@ -84,10 +84,6 @@ class EditRequest:
     subject: str | None = None
 
 
-class _Stop(Exception):
-    """Raised by a hook once everything needed is captured: the layers above are not run."""
-
-
 # ---------------------------------------------------------------------- pure linear algebra
 def layer_indices(n_layers: int, layers: Sequence[int] | None, span: Sequence[float]) -> list[int]:
     """The edited decoder layers: `layers` as given (negative = from the top), else every index from
@@ -168,10 +164,7 @@ class MassEditor(Method):
         self.layer_ids = layer_indices(len(decoder_layers), layers, layer_span)
         self.layers, self.layer_span = layers, list(layer_span)
         self.decoder = decoder_layers
-        self.modules = {l: decoder_layers[l].get_submodule(self.module) for l in self.layer_ids}
-        for l, m in self.modules.items():
-            if not isinstance(m, torch.nn.Linear):
-                raise KBenchError(f"layer {l}'s {self.module} is a {type(m).__name__}, not a Linear layer")
+        self.modules = {l: lm.linear_at(l, self.module)[1] for l in self.layer_ids}
         self.z_layer = self.layer_ids[-1]
         self.batch_size = batch_size
         self.v_num_grad_steps, self.v_lr, self.v_weight_decay = v_num_grad_steps, v_lr, v_weight_decay
@@ -256,39 +249,20 @@ class MassEditor(Method):
         room = self.stats_chunk_tokens - len(self.lm.start_ids)
         chunks = general_text.chunks(documents, self.lm.encode, room)
         sums = {l: torch.zeros(self.modules[l].in_features, self.modules[l].in_features, dtype=torch.float64) for l in paths}
-        captured: dict[int, torch.Tensor] = {}
-        top = max(paths)
-
-        def hook_for(layer: int):
-            def hook(module, args, kwargs):
-                captured[layer] = (args[0] if args else kwargs["input"]).detach()
-                if layer == top:
-                    raise _Stop
-            return hook
-
-        handles = [self.modules[l].register_forward_pre_hook(hook_for(l), with_kwargs=True) for l in paths]
         tokens, used = 0, 0
-        try:
-            bar = progress(range(0, len(chunks), self.stats_batch_size), desc=f"{self.name} key statistics")
-            for begin in bar:
-                batch = [list(self.lm.start_ids) + c for c in chunks[begin : begin + self.stats_batch_size]]
-                ids, mask = self._pad(batch)
-                captured.clear()
-                try:
-                    self.lm.causal_lm.get_decoder()(input_ids=ids, attention_mask=mask)
-                except _Stop:
-                    pass
-                keep = mask.bool()
-                for l in paths:
-                    x = captured[l][keep.to(captured[l].device)].float()
-                    sums[l] += (x.T @ x).double().cpu()
-                tokens += int(keep.sum())
-                used += len(batch)
-                if tokens >= self.stats_tokens:
-                    break
-        finally:
-            for h in handles:
-                h.remove()
+        bar = progress(range(0, len(chunks), self.stats_batch_size), desc=f"{self.name} key statistics")
+        for begin in bar:
+            batch = [list(self.lm.start_ids) + c for c in chunks[begin : begin + self.stats_batch_size]]
+            ids, mask = self._pad(batch)
+            captured = dict(zip(paths, self.lm.module_inputs([self.modules[l] for l in paths], ids, mask)))
+            keep = mask.bool()
+            for l in paths:
+                x = captured[l][keep.to(captured[l].device)].float()
+                sums[l] += (x.T @ x).double().cpu()
+            tokens += int(keep.sum())
+            used += len(batch)
+            if tokens >= self.stats_tokens:
+                break
         if tokens < self.stats_tokens:
             log.warning("%s: the general text gave %d tokens, fewer than method.stats_tokens=%d", self.name, tokens,
                         self.stats_tokens)
@@ -378,50 +352,20 @@ class MassEditor(Method):
         ids, mask = self._pad([s for s, _ in looked])
         rows = torch.arange(len(looked))
         index = torch.tensor([i for _, i in looked])
-        store: dict[str, torch.Tensor] = {}
-
-        def key_hook(module, args, kwargs):
-            store["k"] = (args[0] if args else kwargs["input"])[rows.to(ids.device), index.to(ids.device)].detach()
-            if layer != self.z_layer:
-                raise _Stop
-
-        def out_hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            store["z"] = hidden[rows.to(hidden.device), index.to(hidden.device)].detach()
-            raise _Stop
-
-        handles = [self.modules[layer].register_forward_pre_hook(key_hook, with_kwargs=True)]
-        if layer == self.z_layer:
-            handles.append(self.decoder[self.z_layer].register_forward_hook(out_hook))
-        try:
-            self.lm.causal_lm.get_decoder()(input_ids=ids, attention_mask=mask)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return store["k"].float(), store.get("z", torch.empty(0)).float()
+        outputs_of = [self.decoder[self.z_layer]] if layer == self.z_layer else []
+        key, *z = self.lm.module_inputs([self.modules[layer]], ids, mask, outputs_of=outputs_of)
+        k = key[rows.to(key.device), index.to(key.device)]
+        if not z:
+            return k.float(), torch.empty(0)
+        return k.float(), z[0][rows.to(z[0].device), index.to(z[0].device)].float()
 
     @torch.no_grad()
     def residual_at(self, requests: Sequence[EditRequest]) -> torch.Tensor:
         """Residual stream leaving `z_layer` at each plain prompt's lookup token, `[n, H]`."""
         looked = [self.lookup(r.prompt, r.subject) for r in requests]
         ids, mask = self._pad([s for s, _ in looked])
-        store: dict[str, torch.Tensor] = {}
-
-        def out_hook(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            store["z"] = hidden[torch.arange(len(looked)), torch.tensor([i for _, i in looked])].detach()
-            raise _Stop
-
-        handle = self.decoder[self.z_layer].register_forward_hook(out_hook)
-        try:
-            self.lm.causal_lm.get_decoder()(input_ids=ids, attention_mask=mask)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        return store["z"].float()
+        (hidden,) = self.lm.module_inputs([], ids, mask, outputs_of=[self.decoder[self.z_layer]])
+        return hidden[torch.arange(len(looked)), torch.tensor([i for _, i in looked])].float()
 
     def keys(self, requests: Sequence[EditRequest], layer: int) -> torch.Tensor:
         """K `[D_in, n]`: per edit, the mean of (plain prompt's key, mean of the prefixed prompts' keys)."""

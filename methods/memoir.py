@@ -108,15 +108,10 @@ def best_match(query_masks: torch.Tensor, stored_masks: torch.Tensor, k: int) ->
     return index, best
 
 
-class _StopForward(Exception):
-    """Raised by the hook once the layer's input is captured: the layers above are not needed."""
-
-
 class _ResidualMemory:
     """The forward hook that adds W_mem[:, m] x[m] to the down-projection's output.
 
-    Three modes: `capture` (record the projection's input and stop the forward), training (one edit's
-    columns with a trainable copy of them), and routed inference: inside `rows(masks)`, row b of every
+    Two modes: training (one edit's columns with a trainable copy of them), and routed inference: inside `rows(masks)`, row b of every
     forward pass gets mask `masks[b]` (all-False = memory off). The LM wrapper enters `rows` around each
     batch with that batch's rows (`LM.generate` / `LM.score`'s `row_state`), so the masks are decided
     once per prompt, before the forward, and a decoding step keeps its row's mask by construction; the
@@ -128,15 +123,11 @@ class _ResidualMemory:
         self.weight = torch.zeros_like(module.weight, dtype=torch.float32, requires_grad=False)
         self.columns: torch.Tensor | None = None  # training: the edit's mask as column indices
         self.trainable: torch.Tensor | None = None  # training: W_mem[:, columns] being optimised
-        self.capture: list[torch.Tensor] | None = None
         self.row_masks: torch.Tensor | None = None  # [B, D] masks of the current batch's rows; None: all off
         self.handles = [module.register_forward_hook(self._add_memory, with_kwargs=True)]
 
     def _add_memory(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         x = args[0] if args else kwargs["input"]  # nn.Linear.forward(input)
-        if self.capture is not None:
-            self.capture.append(x.detach())
-            raise _StopForward
         if self.trainable is not None:
             # the fp32 trainable columns see an fp32 copy of the (maybe bf16) input; the sum keeps the layer's dtype
             return output + F.linear(x.index_select(-1, self.columns).to(self.trainable.dtype), self.trainable).to(output.dtype)
@@ -230,18 +221,8 @@ class MemoirMethod(Method):
         seed: int = 0,
     ) -> None:
         super().__init__(lm)
-        layers = lm.decoder_layers()
         self.layer = layer
-        if isinstance(layer, float):  # a fraction of the depth, so one default fits every model
-            if not 0.0 <= layer <= 1.0:
-                raise ValueError(f"method.layer={layer}: a float is a fraction of the depth and must be in [0, 1]")
-            layer = min(round(layer * len(layers)), len(layers) - 1)
-        if not -len(layers) <= layer < len(layers):
-            raise ValueError(f"method.layer={layer} is out of range: the model has {len(layers)} layers")
-        self.layer_index = layer % len(layers)
-        self.target_module = layers[self.layer_index].get_submodule(module)
-        if not isinstance(self.target_module, torch.nn.Linear):
-            raise ValueError(f"method.module={module!r} is a {type(self.target_module).__name__}, not a Linear layer")
+        self.layer_index, self.target_module = lm.linear_at(layer, module)
         for pair in augment_lengths:
             if len(pair) != 2 or pair[0] < 1 or pair[1] < len(augment_starts):
                 raise ValueError(
@@ -301,18 +282,10 @@ class MemoirMethod(Method):
         rows = []
         for chunk in self.lm.batches(list(sequences), desc="memoir features"):
             batch = self.lm.collate([self._feature_ids(ids) for ids in chunk])
-            self.memory.capture = []
-            try:
-                self.lm.causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            except _StopForward:
-                pass
-            finally:
-                captured, self.memory.capture = self.memory.capture, None
-            if not captured:
-                raise KBenchError(f"the hook on layer {self.layer_index} never ran: is the module on the forward path?")
+            (captured,) = self.lm.module_inputs([self.target_module], batch.input_ids, batch.attention_mask)
             # on the captured state's device (the layer's GPU when the model is split), not the inputs'
-            weights = batch.target_mask.to(device=captured[0].device, dtype=captured[0].dtype)[..., None]
-            rows.append((captured[0] * weights).sum(1) / weights.sum(1))
+            weights = batch.target_mask.to(device=captured.device, dtype=captured.dtype)[..., None]
+            rows.append((captured * weights).sum(1) / weights.sum(1))
         return torch.cat(rows).float()
 
     def prompt_features(self, prompts: Sequence[str]) -> torch.Tensor:

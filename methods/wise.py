@@ -61,7 +61,7 @@ from core.types import (
     Query, TargetScore, UnitFloat,
 )
 from methods.base import Method, edit_pairs
-from methods.grace import FrozenPrefix, resolve_layer
+from methods.grace import FrozenPrefix
 
 log = logging.getLogger(__name__)
 
@@ -102,17 +102,11 @@ def ties_merge(base: torch.Tensor, memories: Sequence[torch.Tensor], weights: Se
     return base + (weighted * agree).sum(0) / divisor
 
 
-class _StopForward(Exception):
-    pass
-
-
 class _SideMemory:
-    """The forward hook on the down-projection. Modes: `capture` (record the input and stop), editing
-    (the side weight's output replaces the layer's; both are kept for Δ), and routed inference inside
-    `rows(weights)`: row b's output becomes `weights[b] x` (None: the layer's own, untouched)."""
+    """The forward hook on the down-projection. Modes: editing (the side weight's output replaces the
+    layer's; both are kept for Δ), and routed inference inside `rows(weights)`: row b's output becomes `weights[b] x` (None: the layer's own, untouched)."""
 
     def __init__(self, module: torch.nn.Linear) -> None:
-        self.capture: list[torch.Tensor] | None = None
         self.editing: torch.Tensor | None = None
         self.outputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (original, side) of the last editing forward
         self.row_weights: list[torch.Tensor | None] | None = None
@@ -120,9 +114,6 @@ class _SideMemory:
 
     def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor | None:
         x = args[0] if args else kwargs["input"]
-        if self.capture is not None:
-            self.capture.append(x.detach())
-            raise _StopForward
         if self.editing is not None:
             side = F.linear(x.to(self.editing.dtype), self.editing)
             self.outputs = (output.detach(), side)
@@ -182,7 +173,7 @@ class WiseMethod(Method):
         if merge_freq % save_freq:
             raise ValueError(f"method.merge_freq={merge_freq} must be a multiple of method.save_freq={save_freq}")
         self.layer = layer
-        self.layer_index, self.target_module = resolve_layer(lm, layer, module)
+        self.layer_index, self.target_module = lm.linear_at(layer, module)
         self.mask_ratio, self.lr, self.iterations, self.weight_decay = mask_ratio, lr, iterations, weight_decay
         self.norm_constraint, self.alpha, self.beta, self.gamma = norm_constraint, alpha, beta, gamma
         self.act_ratio, self.save_freq, self.merge_freq = act_ratio, save_freq, merge_freq
@@ -238,16 +229,8 @@ class WiseMethod(Method):
     def inputs_of(self, sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The projection's inputs over each token sequence `[N, T, D]` and the real-token weights `[N, T]`."""
         batch = self.lm.collate([(list(ids[:-1]), list(ids[-1:])) for ids in sequences])
-        self.hook.capture = []
-        try:
-            self.lm.causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-        except _StopForward:
-            pass
-        finally:
-            captured, self.hook.capture = self.hook.capture, None
-        if not captured:
-            raise KBenchError(f"the hook on layer {self.layer_index} never ran: is the module on the forward path?")
-        return captured[0].float(), batch.attention_mask.to(captured[0].device).float()
+        (captured,) = self.lm.module_inputs([self.target_module], batch.input_ids, batch.attention_mask)
+        return captured.float(), batch.attention_mask.to(captured.device).float()
 
     def _delta(self, weight: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return routing_activation(F.linear(x, self.main), F.linear(x, weight), self.act, mask)

@@ -79,3 +79,35 @@ def test_cut_at_stop():
     assert cut_at_stop(" Paris\nQuestion: next", ["\n"]) == "Paris"
     assert cut_at_stop("a. b; c", [";", "."]) == "a"
     assert cut_at_stop("no stop here ", ["\n"]) == "no stop here"
+
+
+def test_module_inputs_capture_what_a_full_forward_sees_and_skip_the_layers_above(tiny_lm):
+    """The editors' one capture path: the input of a module and the output of a layer, as a plain hook in a
+    full forward records them; the forward stops there, and a module off the path is named."""
+    layers = tiny_lm.decoder_layers()
+    index, down = tiny_lm.linear_at(0.5, "mlp.down_proj")
+    assert index == round(0.5 * len(layers)) and down is layers[index].mlp.down_proj
+    assert tiny_lm.linear_at(-1, "mlp.down_proj")[0] == len(layers) - 1
+    with pytest.raises(ValueError, match="fraction of the depth"):
+        tiny_lm.linear_at(1.5, "mlp.down_proj")
+    with pytest.raises(ValueError, match="not a Linear layer"):
+        tiny_lm.linear_at(0, "mlp")
+    ids = torch.tensor([tiny_lm.prompt_ids("The river of Velmora")], device=tiny_lm.device)
+    seen = {}
+    handles = [down.register_forward_pre_hook(lambda m, args: seen.setdefault("in", args[0].detach())),
+               layers[index].register_forward_hook(lambda m, a, out: seen.setdefault("out", (out[0] if isinstance(out, tuple) else out).detach()))]
+    try:
+        tiny_lm.causal_lm.get_decoder()(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    ran = []
+    top = layers[-1].register_forward_hook(lambda *args: ran.append(1))
+    try:
+        x, out = tiny_lm.module_inputs([down], ids, outputs_of=[layers[index]])
+    finally:
+        top.remove()
+    assert torch.equal(x, seen["in"]) and torch.equal(out, seen["out"])
+    assert not ran or index == len(layers) - 1  # the layers above the last capture are not run
+    with pytest.raises(Exception, match="never reached"):
+        tiny_lm.module_inputs([torch.nn.Linear(2, 2)], ids)
