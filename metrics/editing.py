@@ -16,7 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from core.types import Answer, KBenchError, TargetScore
 from metrics import qa
+
+
+def argmax_ids(output: Answer | TargetScore, probe_id: str) -> tuple[int, ...]:
+    """The teacher-forced argmax tokens of one probe's output, which locality (and drift's agreement)
+    compares before and after injection. Raises KBenchError, naming `probe_id`, for a generated answer
+    or a `TargetScore` without `predicted_ids` (a method that builds its own logits must keep them)."""
+    if not isinstance(output, TargetScore):
+        raise KBenchError(f"probe {probe_id!r}: agreement with the reference needs a teacher-forced score, got a "
+                          "generated answer")
+    if not output.predicted_ids:
+        raise KBenchError(f"probe {probe_id!r}: the method's score() returned no predicted_ids (the argmax tokens "
+                          "agreement compares); build TargetScores with core.lm.target_scores so they are kept")
+    return tuple(output.predicted_ids)
 
 
 def locality_agreement(pre_edit_ids: Sequence[int], post_edit_ids: Sequence[int]) -> float:

@@ -50,11 +50,6 @@ from tasks.crs_catalogue import Catalogue, load_catalogue
 from tasks.crs_turns import CRSTurn, Dialogue, dialogues_from_turns, load_crs_turns
 from tasks.redial_conversations import load_redial_conversations
 
-REFERENCE_PROMPT = (
-    "Pretend you are a movie recommender system. \n I will give you a conversation between a user and you "
-    "(a recommender system). Based on the conversation, you reply me with 20 recommendations without extra "
-    "sentences.\n Here is the conversation: {dialogue}"
-)
 KNOWLEDGE_SOURCES = ("split", "crs_jsonl", "redial_conversations", "none")
 
 
@@ -67,9 +62,9 @@ class CRSTask(Task):
     def __init__(
         self,
         dataset_dir: str,
+        prompt_template: str,  # no default: the reference's prompt is kept once, in conf/task/inspired.yaml
         test_file: str = "test.jsonl",
         limit: NonNegativeInt = 16,
-        prompt_template: str = REFERENCE_PROMPT,
         answer_prefix: str = "",
         max_new_tokens: PositiveInt = 128,
         stop: list[str] | None = None,

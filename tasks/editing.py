@@ -236,13 +236,13 @@ class EditingTask(Task):
         scores = []
         for probe, output in zip(probe_set.probes, outputs):
             if probe_set.name == PRE_EDIT:
-                self._pre_edit_ids[probe.query.id] = _predicted_ids(output, probe)
+                self._pre_edit_ids[probe.query.id] = metrics.argmax_ids(output, probe.query.id)
                 scores.append({"pre_edit/locality_answer_tf": output.token_accuracy})
             elif kind == "locality":
                 pre = self._pre_edit_ids.get(probe.query.id)
                 if pre is None:
                     raise KBenchError(f"no pre-edit reference for {probe.query.id!r}: the pre-edit step must run first")
-                value = metrics.locality_agreement(pre, _predicted_ids(output, probe))
+                value = metrics.locality_agreement(pre, metrics.argmax_ids(output, probe.query.id))
                 per_kind = {f"{prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
                 scores.append({f"{prefix}/locality": value} | per_kind)
             elif kind.endswith("_tf"):
@@ -448,13 +448,3 @@ def _final(results: Sequence[ProbeResult]) -> list[ProbeResult]:
     """Results without those scored along the stream (task.score_every)."""
     return [r for r in results if not r.probe_set.startswith(STREAM + "/")]
 
-
-def _predicted_ids(output: Answer | TargetScore, probe: Probe) -> tuple[int, ...]:
-    if not isinstance(output, TargetScore):
-        raise KBenchError(f"locality probe {probe.query.id!r} needs a teacher-forced score, got a generated answer")
-    if not output.predicted_ids:
-        raise KBenchError(
-            f"locality probe {probe.query.id!r}: the method's score() returned no predicted_ids; "
-            "build TargetScores with core.lm.target_scores so the argmax tokens are kept"
-        )
-    return output.predicted_ids

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from core.types import Answer, DataError, Probe, ProbeSet, Query
 from metrics import ranking
@@ -56,8 +57,12 @@ def mini_dataset(tmp_path) -> Path:
     return folder
 
 
+# the reference prompt as task=inspired / redial give it (its only copy is the YAML)
+PROMPT = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf/task/inspired.yaml").prompt_template
+
+
 def mini_task(folder: Path, **knobs) -> CRSTask:
-    return CRSTask(dataset_dir=str(folder), **({"limit": 0, "n_knowledge": 0} | knobs))
+    return CRSTask(dataset_dir=str(folder), **({"prompt_template": PROMPT, "limit": 0, "n_knowledge": 0} | knobs))
 
 
 # ---------------------------------------------------------------- data
@@ -114,7 +119,7 @@ def test_real_inspired_and_redial_files_load(shared_dir):
     inspired = load_crs_turns(shared_dir / "data/inspired/test.jsonl", load_catalogue(shared_dir / "data/inspired"))
     assert len(inspired) == 228 and sum(len(t.gold) for t in inspired) == 253
     assert inspired[0].gold == ("Hustlers",) and "Hustlers" in inspired[0].seen
-    task = CRSTask(dataset_dir=str(shared_dir / "data/redial"))
+    task = CRSTask(dataset_dir=str(shared_dir / "data/redial"), prompt_template=PROMPT)
     [step] = task.steps()
     assert len(step.probe_sets[0].probes) == 16 and len(step.knowledge) == 8
     assert all(k.train_sentences for k in step.knowledge)

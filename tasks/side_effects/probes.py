@@ -150,7 +150,7 @@ class SideEffectProbes:
         if kind == "general_tf":
             rows = []
             for probe, out in zip(probe_set.probes, outputs):
-                ids = _predicted_ids(out, probe)
+                ids = editing.argmax_ids(out, probe.query.id)
                 if reference:
                     self._reference_ids[probe.meta["question"]] = ids
                     rows.append({"drift/general_answer_token_acc_before": out.token_accuracy})
@@ -260,9 +260,3 @@ class SideEffectProbes:
             info["conflict_probes"] = len(self.conflicts)
         return info
 
-
-def _predicted_ids(output: TargetScore, probe: Probe) -> tuple[int, ...]:
-    if not isinstance(output, TargetScore) or not output.predicted_ids:
-        raise DataError(f"{probe.query.id}: base agreement needs the argmax tokens (TargetScore.predicted_ids); "
-                        "a method whose score() builds its own logits must fill them")
-    return tuple(output.predicted_ids)
