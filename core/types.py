@@ -29,6 +29,12 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The answer-meta key under which a method that looks knowledge up (RAG's passages, RECIPE's prompt, MEMOIR's
+# mask, GRACE's codebook entry) reports the ids of the knowledge it used for a query, best first; [] when it
+# used none. metrics/retrieval.py turns it into retrieval recall against the probe's knowledge id.
+RETRIEVED_KNOWLEDGE_IDS = "retrieved_knowledge_ids"
+
+
 class KBenchError(Exception):
     """An error the user can fix: the message says what is wrong and how to fix it."""
 

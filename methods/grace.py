@@ -50,7 +50,10 @@ from safetensors.torch import load_file, save_file
 from core.lm import LM
 from core.options import checked
 from core.progress import progress
-from core.types import Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, PositiveFloat, PositiveInt, Query, TargetScore
+from core.types import (
+    RETRIEVED_KNOWLEDGE_IDS, Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, PositiveFloat, PositiveInt,
+    Query, TargetScore,
+)
 from methods.base import Method, edit_pairs
 
 log = logging.getLogger(__name__)
@@ -305,7 +308,9 @@ class GraceMethod(Method):
         lengths = [min(len(p), room) for p in prompts]
         last_column = lambda rows: [max(lengths[i] for i in rows) - 1] * len(rows)  # noqa: E731
         texts = self.lm.generate(prompts, generation, row_state=self._row_state(decisions, last_column))
-        return [Answer(text, meta={"grace_entry": entry, "distance": round(d, 4) if math.isfinite(d) else None})
+        # the edits the entry serves (several when they share its label), in the order they were made
+        return [Answer(text, meta={RETRIEVED_KNOWLEDGE_IDS: [] if entry is None else list(self.edit_ids[entry]),
+                                   "grace_entry": entry, "distance": round(d, 4) if math.isfinite(d) else None})
                 for text, (entry, d) in zip(texts, decisions)]
 
     def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:

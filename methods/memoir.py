@@ -74,8 +74,8 @@ from core.lm import LM, TokenBatch
 from core.options import checked
 from core.progress import progress
 from core.types import (
-    Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat, PositiveFloat, PositiveInt, Query,
-    TargetScore, UnitFloat,
+    RETRIEVED_KNOWLEDGE_IDS, Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat,
+    PositiveFloat, PositiveInt, Query, TargetScore, UnitFloat,
 )
 from methods.base import Method, edit_pairs
 
@@ -561,7 +561,7 @@ class MemoirMethod(Method):
         decisions = self.route(queries)
         texts = self.lm.generate([self.prompt_ids(q) for q in queries], generation, row_state=self._row_state(decisions))
         return [
-            Answer(text, meta={"memoir_edit": None if edit is None else self.edit_ids[edit], "overlap": round(overlap, 4)})
+            Answer(text, meta={RETRIEVED_KNOWLEDGE_IDS: [] if edit is None else [self.edit_ids[edit]], "overlap": round(overlap, 4)})
             for text, (edit, overlap) in zip(texts, decisions)
         ]
 

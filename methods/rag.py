@@ -30,7 +30,8 @@ from typing import Any, Literal
 from core.io import atomic_dir, atomic_write_json, read_json
 from core.options import checked
 from core.types import (
-    Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveInt, Query, TargetScore, UnitFloat,
+    RETRIEVED_KNOWLEDGE_IDS, Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveInt,
+    Query, TargetScore, UnitFloat,
 )
 from methods.base import Method
 from methods.retrieval.bm25 import bm25_index
@@ -38,7 +39,6 @@ from methods.retrieval.chunking import chunk_spans
 from methods.retrieval.dense import DenseIndex
 from methods.retrieval.encoders import DprEncoder, SentenceEncoder
 from methods.retrieval.tokenizer import WordTokenizer
-from metrics.retrieval import RETRIEVED_KNOWLEDGE_IDS
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Retrieval metrics from what a retrieval method reports about each answer.
 
-A retrieval method (RAG) puts the knowledge ids of the passages it retrieved, best first, under
+A retrieval-like method (RAG, RECIPE, MEMOIR, GRACE) puts the knowledge ids it used, best first, under
 `RETRIEVED_KNOWLEDGE_IDS` in its answer's meta; the task knows which knowledge each probe is about.
 Recall@k is 1 when that knowledge is among the first k retrieved passages, else 0 (also when the store
 was empty and nothing was retrieved).
@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-RETRIEVED_KNOWLEDGE_IDS = "retrieved_knowledge_ids"
+from core.types import RETRIEVED_KNOWLEDGE_IDS  # re-exported: the key is defined once, beside Answer
+
+__all__ = ["PROTOCOLS", "RETRIEVED_KNOWLEDGE_IDS", "recall_at_k", "retrieval_scores"]
 
 PROTOCOLS = {
     "retrieval_recall@1": "method-reported/top-1 retrieved passage comes from the probe's knowledge item "

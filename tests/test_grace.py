@@ -43,6 +43,8 @@ def test_queries_outside_every_radius_are_bit_identical_and_the_edit_is_learned(
     generated = method.answer(queries, spec)
     assert [a.text for a in generated[:3]] == generated_before[:3]
     assert generated[3].text != generated_before[3] and generated[3].meta["grace_entry"] == 0
+    # the edit the query was routed to is reported like a retrieval (retrieval recall), none for the others
+    assert [a.meta["retrieved_knowledge_ids"] for a in generated] == [[], [], [], ["e0"]]
 
 
 def test_codebook_rules_add_expand_split(tiny_lm):

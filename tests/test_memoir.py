@@ -6,6 +6,7 @@ import torch
 
 from core.types import GenerationSpec, KBenchError, Knowledge, Query
 from methods.memoir import MemoirMethod, best_match, select_mask
+from metrics.retrieval import retrieval_scores
 from runners.experiment import Experiment
 from tests.conftest import compose_config, read_record
 
@@ -85,7 +86,12 @@ def test_a_batch_mixes_routed_and_unrouted_rows_exactly_as_one_by_one(tiny_lm):
     assert [s.predicted_ids for s in together] == [s.predicted_ids for s in alone]
     spec = GenerationSpec(max_new_tokens=3, stop=())
     assert [a.text for a in method.answer(queries, spec)] == [method.answer([q], spec)[0].text for q in queries]
-    assert [a.meta["memoir_edit"] for a in method.answer(queries, spec)] == ["e0", None, "e1"]
+    answers = method.answer(queries, spec)
+    assert [a.meta["retrieved_knowledge_ids"] for a in answers] == [["e0"], [], ["e1"]]
+    # the routed edit counts as a retrieval; records written before (meta "memoir_edit") rescore without one
+    assert retrieval_scores(answers[0].meta, "e0") == {"retrieval_recall@1": 1.0}
+    assert retrieval_scores(answers[1].meta, "e0") == {"retrieval_recall@1": 0.0}
+    assert retrieval_scores({"memoir_edit": "e0", "overlap": 1.0}, "e0") == {}
 
 
 def test_an_edit_trains_only_its_mask_columns_and_lowers_its_loss(tiny_lm):
@@ -178,7 +184,7 @@ def test_reset_forgets_every_edit(tiny_lm):
     assert method.memory.weight.abs().sum() == 0 and len(method.masks) == 0
     assert method.score([query], [EDIT.meta["target"]])[0].logprob == before
     answers = method.answer([query], GenerationSpec(max_new_tokens=2, stop=()))
-    assert answers[0].meta == {"memoir_edit": None, "overlap": 0.0}
+    assert answers[0].meta == {"retrieved_knowledge_ids": [], "overlap": 0.0}
 
 
 def test_qa_sentences_become_prompt_target_pairs_and_bad_knowledge_is_refused(tiny_lm):

@@ -20,8 +20,8 @@ from core.lm import LM
 from core.options import ConfigError, checked
 from core.progress import progress
 from core.types import (
-    Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Query,
-    TargetScore,
+    RETRIEVED_KNOWLEDGE_IDS, Answer, GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt,
+    PositiveFloat, PositiveInt, Query, TargetScore,
 )
 from methods.base import Method
 from methods.recipe.curves import save_curves
@@ -32,7 +32,6 @@ from methods.recipe.training import RecipeTraining
 
 log = logging.getLogger(__name__)
 
-RETRIEVED_KNOWLEDGE_IDS = "retrieved_knowledge_ids"  # the answer-meta key retrieval metrics read
 REFERENCE_ENCODER = "roberta-base"
 
 
