@@ -145,11 +145,11 @@ class Experiment:
         all_results, first = self._reuse_finished_steps(method, task, steps)
         for position in range(first, len(steps)):
             step = steps[position]
-            step_results, inject_s, eval_s = self._run_step(method, task, step)
+            step_results, inject_s, eval_s = self._run_step(method, task, step, all_results)
+            metrics = task.step_metrics(step_results, all_results)
             all_results += step_results
             record.timings["inject"] = round(record.timings["inject"] + inject_s, 3)
             record.timings["eval"] = round(record.timings["eval"] + eval_s, 3)
-            metrics = task.step_metrics(step_results)
             record.steps.append({
                 "index": step.index, "label": step.label, "metrics": metrics,
                 "inject_seconds": round(inject_s, 3), "eval_seconds": round(eval_s, 3),
@@ -274,8 +274,8 @@ class Experiment:
         results: list[ProbeResult] = []
         for entry in finished.entries:
             step_results = by_step.get(entry["index"], [])
+            record.steps.append(entry | {"metrics": task.step_metrics(step_results, results)})
             results += step_results
-            record.steps.append(entry | {"metrics": task.step_metrics(step_results)})
             record.timings["inject"] = round(record.timings["inject"] + entry.get("inject_seconds", 0.0), 3)
             record.timings["eval"] = round(record.timings["eval"] + entry.get("eval_seconds", 0.0), 3)
             record.extra_storage_bytes = entry.get("extra_storage_bytes", 0)
@@ -307,7 +307,10 @@ class Experiment:
             "shared_machine": cost.machine_shared(self.parallel_jobs, c["max_load"]),
         }
 
-    def _run_step(self, method: Method, task: Task, step) -> tuple[list[ProbeResult], float, float]:
+    def _run_step(self, method: Method, task: Task, step,
+                  earlier: Sequence[ProbeResult]) -> tuple[list[ProbeResult], float, float]:
+        """Inject one step's knowledge, ask its probe sets and score them (`earlier`: the results of the
+        run's earlier steps, which scoring may compare with). Returns the results, inject and eval seconds."""
         if step.reset_before:
             method.reset()
         started, cut = time.perf_counter(), self._cut()
@@ -325,7 +328,7 @@ class Experiment:
             outputs = probe(method, probe_set)  # the method's answering alone: scoring is the task's cost
             self._cost["answer_s"] += time.perf_counter() - answering
             self._cost["queries"] += len(probe_set.probes)
-            results += score_probe_set(task, step.index, probe_set, outputs)
+            results += score_probe_set(task, step.index, probe_set, outputs, earlier)
         self._count_truncation("probes", cut)
         self._sample_load()
         return results, inject_s, time.perf_counter() - started

@@ -34,7 +34,7 @@ from core.predictions import output_of
 from core.records import PREDICTIONS_FILE, RECORD_FILE, SCHEMA_VERSION, git_commit, utc_now
 from core.types import KBenchError
 from runners.build import build
-from runners.results import final_results, run_identity, score_probe_set
+from runners.results import final_results, run_identity, score_in_run_order
 from tasks.base import ProbeResult, Task
 
 Key = tuple[int, str, str]
@@ -144,15 +144,19 @@ def rescore(path: str | Path, overrides: Sequence[str] = (), out: str | Path | N
     results: list[ProbeResult] = []
     by_step: dict[int, list[ProbeResult]] = {step.index: [] for step in task.steps()}
     new_rows: list[dict[str, Any]] = []
-    for step, probe_set, outputs, matched in match(task, rows):
-        scored = score_probe_set(task, step.index, probe_set, outputs)
+    matches = list(match(task, rows))
+    scored_sets = score_in_run_order(task, ((step, probe_set, outputs) for step, probe_set, outputs, _ in matches))
+    for (step, probe_set, outputs, matched), scored in zip(matches, scored_sets):
         results += scored
         by_step[step.index] += scored
         new_rows += [row | {"gold": list(r.probe.answers), "metrics": r.metrics} for row, r in zip(matched, scored)]
 
     old_steps = {s["index"]: s for s in original.get("steps", [])}
-    steps = [old_steps.get(step.index, {"index": step.index, "label": step.label})
-             | {"metrics": task.step_metrics(by_step[step.index])} for step in task.steps()]
+    steps, earlier = [], []
+    for step in task.steps():
+        steps.append(old_steps.get(step.index, {"index": step.index, "label": step.label})
+                     | {"metrics": task.step_metrics(by_step[step.index], earlier)})
+        earlier += by_step[step.index]
     output_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused rescoring leaves nothing behind
     final = final_results(task, results, output_dir, original.get("method_deviations"))
     record = original | final | {

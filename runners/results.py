@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from core.io import stable_hash
 from core.records import BOOKKEEPING_KEYS  # keys that do not change what a run computes
-from core.types import Answer, ProbeSet, TargetScore
+from core.types import Answer, ProbeSet, Step, TargetScore
 from metrics.uncertainty import DEFAULT_RESAMPLES, bootstrap_mean
 from tasks.base import ProbeResult, Task
 
@@ -34,13 +34,33 @@ def setting_identity(cfg: DictConfig) -> str:
 
 
 def score_probe_set(
-    task: Task, step_index: int, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]
+    task: Task, step_index: int, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    earlier: Sequence[ProbeResult] = (),
 ) -> list[ProbeResult]:
-    """The task's per-probe metrics for one probe set's outputs, as `ProbeResult`s."""
+    """The task's per-probe metrics for one probe set's outputs, as `ProbeResult`s; `earlier`: the results of
+    the run's earlier steps (`Task.score`)."""
     if len(outputs) != len(probe_set.probes):
         raise ValueError(f"probe set {probe_set.name!r}: {len(outputs)} outputs for {len(probe_set.probes)} probes")
-    scores = task.score(probe_set, outputs)
+    scores = task.score(probe_set, outputs, earlier)
     return [ProbeResult(step_index, probe_set.name, p, out, s) for p, out, s in zip(probe_set.probes, outputs, scores)]
+
+
+def score_in_run_order(
+    task: Task, probe_outputs: Iterable[tuple[Step, ProbeSet, Sequence[Answer | TargetScore]]]
+) -> Iterator[list[ProbeResult]]:
+    """`score_probe_set` over stored outputs in the order the run asked them (steps in order), giving each
+    probe set the results of the steps before its own, as the run did; yields each set's results. For
+    the resumer and the rescorer, which score outputs read back from predictions.jsonl."""
+    earlier: list[ProbeResult] = []
+    current: list[ProbeResult] = []
+    index: int | None = None
+    for step, probe_set, outputs in probe_outputs:
+        if step.index != index:
+            earlier += current
+            current, index = [], step.index
+        scored = score_probe_set(task, step.index, probe_set, outputs, earlier)
+        current += scored
+        yield scored
 
 
 def metric_uncertainty(task: Task, results: Sequence[ProbeResult], metrics: dict[str, float],
@@ -69,7 +89,7 @@ def final_results(task: Task, results: Sequence[ProbeResult], output_dir: Path,
     result of a run. `method_deviations` (`Method.reference_deviations`) are appended to every metric's
     protocol: a method run with knobs off its reference is a different protocol."""
     metrics = task.summarize(results)
-    protocols = task.metric_protocols()
+    protocols = task.metric_protocols(results)
     if method_deviations:
         tail = "; method deviates from its reference: " + ", ".join(f"{k}={v}" for k, v in sorted(method_deviations.items()))
         protocols = {name: protocol + tail for name, protocol in protocols.items()}

@@ -34,7 +34,7 @@ from core.io import atomic_write_json, default_modes, file_digest
 from core.predictions import output_of  # a predictions line -> the method output, as offline rescoring does
 from core.records import BROKEN_LINK, PREDICTIONS_FILE, RECORD_FILE, find_records
 from core.types import Answer, KBenchError, ProbeSet, Step, TargetScore
-from runners.results import score_probe_set
+from runners.results import score_in_run_order
 from tasks.base import ProbeResult, Task
 
 log = logging.getLogger(__name__)
@@ -263,9 +263,9 @@ def finished_steps(attempt_dir: Path, recorded: list[dict[str, Any]], run_id: st
 
 
 def score_again(task: Task, finished: FinishedSteps) -> dict[int, list[ProbeResult]]:
-    """The task's scores of the finished steps' outputs, per step index, in the order they were first
-    made: a task that keeps state between steps (e.g. a pre-edit reference) ends up as it was."""
+    """The task's scores of the finished steps' outputs, per step index, each probe set given the results
+    of the steps before it (`Task.score`), exactly as the attempt scored them."""
     by_step: dict[int, list[ProbeResult]] = {}
-    for step, probe_set, outputs in finished.outputs:
-        by_step.setdefault(step.index, []).extend(score_probe_set(task, step.index, probe_set, outputs))
+    for (step, _, _), scored in zip(finished.outputs, score_in_run_order(task, finished.outputs)):
+        by_step.setdefault(step.index, []).extend(scored)
     return by_step

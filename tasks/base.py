@@ -2,6 +2,11 @@
 
 A task yields `Step`s (knowledge to inject, whether to reset first, probe sets to ask afterwards) and
 scores the outputs of each probe set. The runner knows nothing else about it.
+
+Scoring keeps no state: every method that computes metrics is a function of the results passed in (and
+of the config). A metric that compares with an earlier answer (editing locality against the pre-edit
+pass, drift against the answers before injection) reads it from `earlier`, the results scored before,
+which the runner, the resumer and the rescorer all pass the same way.
 """
 from __future__ import annotations
 
@@ -56,7 +61,6 @@ class Task(ABC):
     """Base class of every task plugin (built by Hydra from `conf/task/<name>.yaml`)."""
 
     name: str = "task"
-    _scored_retrieval: bool = False  # set by `score` once a method reported what it retrieved
 
     @abstractmethod
     def steps(self) -> Sequence[Step]:
@@ -67,19 +71,21 @@ class Task(ABC):
         any injection (e.g. RECIPE's prompt encoder). Default: none."""
         return []
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
-        """Per-probe metrics. Default: QA metrics of generated answers against the gold answers."""
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+              earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
+        """Per-probe metrics of one probe set's outputs (aligned with `probe_set.probes`). `earlier`: every
+        result of the run's earlier steps, where a metric comparing with a reference (scored at an earlier
+        step) finds it. Default: QA metrics of generated answers
+        against the gold answers, plus retrieval recall when the method reported what it retrieved.
+        Raises NotImplementedError for a probe set the task does not score."""
         if probe_set.scorer != "qa" or probe_set.output_type != "generate":
             raise NotImplementedError(f"{type(self).__name__} cannot score probe set {probe_set.name!r}")
-        rows = []
-        for probe, out in zip(probe_set.probes, outputs):
-            found = retrieval.retrieval_scores(out.meta, probe.knowledge_id)  # from retrieval methods only
-            self._scored_retrieval = self._scored_retrieval or bool(found)
-            rows.append(qa.qa_scores(out.text, probe.answers) | found)
-        return rows
+        return [qa.qa_scores(out.text, probe.answers) | retrieval.retrieval_scores(out.meta, probe.knowledge_id)
+                for probe, out in zip(probe_set.probes, outputs)]
 
-    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
-        """Metrics logged after one step. Default: the mean over that step's probes."""
+    def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
+        """Metrics logged after one step from its `results`; `earlier` holds every earlier step's results
+        (for a metric relative to an earlier step). Default: the mean over that step's probes."""
         return mean_metrics(results)
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
@@ -104,9 +110,11 @@ class Task(ABC):
         `task_report` in the record; files such as plots may be written into `output_dir`. Default: none."""
         return {}
 
-    def metric_protocols(self) -> dict[str, str]:
-        """How each metric of `summarize` was computed (recorded beside the numbers)."""
-        return dict(qa.PROTOCOLS) | (retrieval.PROTOCOLS if self._scored_retrieval else {})
+    def metric_protocols(self, results: Sequence[ProbeResult] = ()) -> dict[str, str]:
+        """How each metric of `summarize(results)` was computed (recorded beside the numbers). Default: the
+        QA protocols, and retrieval recall's when a method reported its retrieval in `results`."""
+        retrieved = any(name in retrieval.PROTOCOLS for result in results for name in result.metrics)
+        return dict(qa.PROTOCOLS) | (retrieval.PROTOCOLS if retrieved else {})
 
     def describe(self) -> dict[str, Any]:
         """Facts about the data actually used (counts, filters), carried into the record."""

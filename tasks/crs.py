@@ -196,7 +196,8 @@ class CRSTask(Task):
             golds += ranking.score_turn(ranked, result.probe.answers, seen, self.ks)
         return golds
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+              earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per turn: each metric averaged over the turn's gold items, the number of gold items, and
         how many list items were parsed (`list_items`) and lie within `oov_threshold` edits."""
         if probe_set.scorer != "ranking" or probe_set.output_type != "generate":
@@ -224,7 +225,7 @@ class CRSTask(Task):
             metrics["catalogue_items"] = sum(r.metrics["catalogue_items"] for r in results) / len(results)
         return metrics
 
-    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+    def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
         return self.summarize(results)
 
     def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
@@ -282,7 +283,7 @@ class CRSTask(Task):
                 "oov_threshold": self.oov_threshold, "exclude_seen": self.exclude_seen, "dedupe": self.dedupe,
                 "ks": list(self.ks), "answer_prefix": self.answer_prefix}
 
-    def metric_protocols(self) -> dict[str, str]:
+    def metric_protocols(self, results: Sequence[ProbeResult] = ()) -> dict[str, str]:
         oov = f"<={self.oov_threshold} edits" if self.filter_oov else "off"
         ranking_protocol = (
             f"generate/crs-ranking(parser={self.parser}; nearest {self.catalogue_name} title by lowercased "

@@ -15,8 +15,9 @@ The contract with methods (RECIPE and MEMOIR rely on it) — each edit is one `K
   `ground_truth` (None when unknown).
 
 Protocols (every metric name starts with its protocol, see `metric_protocols`):
-- step 0 (`pre_edit`): before any edit, the locality prompts are scored teacher-forced on their answers
-  and the argmax tokens are kept as the pre-edit reference for locality.
+- step 0 (`pre_edit`): before any edit, the locality prompts are scored teacher-forced on their answers;
+  their argmax tokens are the pre-edit reference locality compares with (read from the earlier results
+  passed to `score`, no state kept).
 - `sequential` (default): T edits are injected one per step without reset; after the last one every
   edit is scored once (`after_all/...`: the WISE / retention protocol; EasyEdit's `sequential_edit`
   flag has meant different things over time, so kbench names the protocol in each metric).
@@ -28,6 +29,7 @@ import csv
 import dataclasses
 import json
 from collections.abc import Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -45,6 +47,19 @@ from tasks.edit_data import Edit, generate_synthetic_edits, load_counterfact, lo
 PROTOCOLS = ("sequential", "single")
 PREFIX = {"sequential": "after_all", "single": "single"}
 PRE_EDIT = "pre_edit/locality_reference"
+
+
+class EditProbe(StrEnum):
+    """What an editing probe set measures, as its `ProbeSet.scorer`: scoring dispatches on it, never on
+    the set's name (which only gives the metrics' protocol prefix: after_all/, single/, stream/)."""
+
+    PRE_EDIT = "editing/pre_edit"
+    RELIABILITY_TF = "editing/reliability_tf"
+    GENERALITY_TF = "editing/generality_tf"
+    LOCALITY = "editing/locality"
+    RELIABILITY_GEN = "editing/reliability_gen"
+    GENERALITY_GEN = "editing/generality_gen"
+
 STREAM = "stream"  # prefix of the probe sets and metrics scored along the edit stream (task.score_every)
 STREAM_PLOT = "stream.png"
 
@@ -96,7 +111,6 @@ class EditingTask(Task):
         self.score_every = score_every
         self._edits: list[Edit] | None = None
         self._train: list[Edit] | None = None
-        self._pre_edit_ids: dict[str, tuple[int, ...]] = {}
         self.dropped: dict[str, int] = {"train_overlapping_eval": 0}  # + what each file's loader dropped, by reason
 
     # ------------------------------------------------------------------ data
@@ -190,18 +204,18 @@ class EditingTask(Task):
                     for i, (e, c) in enumerate(zip(edits, contexts)) for j, q in enumerate(e.rephrase_prompts)]
         sets = [
             ProbeSet(f"{p}/reliability_tf", [self._probe(e, n, k, q, self.target(e.target_new), c) for e, n, k, q, c in rewrite],
-                     output_type="loglikelihood", scorer="editing"),
+                     output_type="loglikelihood", scorer=EditProbe.RELIABILITY_TF),
             ProbeSet(f"{p}/generality_tf", [self._probe(e, n, k, q, self.target(e.target_new), c) for e, n, k, q, c in rephrase],
-                     output_type="loglikelihood", scorer="editing"),
+                     output_type="loglikelihood", scorer=EditProbe.GENERALITY_TF),
             ProbeSet(f"{p}/locality", self._locality_probes(edits, start, with_edit_in_view=True),
-                     output_type="loglikelihood", scorer="editing"),
+                     output_type="loglikelihood", scorer=EditProbe.LOCALITY),
         ]
         if self.generate:
             sets += [
                 ProbeSet(f"{p}/reliability_gen", [self._probe(e, n, k, q, e.target_new, c) for e, n, k, q, c in rewrite],
-                         generation=self.generation, scorer="editing"),
+                         generation=self.generation, scorer=EditProbe.RELIABILITY_GEN),
                 ProbeSet(f"{p}/generality_gen", [self._probe(e, n, k, q, e.target_new, c) for e, n, k, q, c in rephrase],
-                         generation=self.generation, scorer="editing"),
+                         generation=self.generation, scorer=EditProbe.GENERALITY_GEN),
             ]
         return [s for s in sets if s.probes]
 
@@ -209,7 +223,7 @@ class EditingTask(Task):
         edits = self.edits
         # No edit is in view before editing: the reference queries carry an empty context.
         reference = ProbeSet(PRE_EDIT, self._locality_probes(edits, 0, with_edit_in_view=False),
-                             output_type="loglikelihood", scorer="editing")
+                             output_type="loglikelihood", scorer=EditProbe.PRE_EDIT)
         steps = [Step(index=0, knowledge=[], probe_sets=[reference] if reference.probes else [], label="pre-edit")]
         if self.protocol == "sequential":
             # with score_every=k, every edit injected so far is scored after edits k, 2k, ... (stream/...)
@@ -227,30 +241,38 @@ class EditingTask(Task):
         return steps
 
     # ------------------------------------------------------------------ scoring
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
-        if probe_set.scorer != "editing":
-            raise NotImplementedError(f"task=editing cannot score probe set {probe_set.name!r}")
-        kind = probe_set.name.rsplit("/", 1)[-1]
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+              earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
+        """Per-probe metrics by the set's kind (`EditProbe`); locality compares with the pre-edit pass's
+        argmax tokens, read from `earlier` (KBenchError when the pre-edit step is not among them)."""
+        try:
+            kind = EditProbe(probe_set.scorer)
+        except ValueError:
+            raise NotImplementedError(f"task=editing cannot score probe set {probe_set.name!r}") from None
         prefix = probe_set.name.split("/", 1)[0]  # the protocol's, or stream/ along the edit stream
-        several_kinds = len(self.locality_kinds()) > 1
-        scores = []
-        for probe, output in zip(probe_set.probes, outputs):
-            if probe_set.name == PRE_EDIT:
-                self._pre_edit_ids[probe.query.id] = metrics.argmax_ids(output, probe.query.id)
-                scores.append({"pre_edit/locality_answer_tf": output.token_accuracy})
-            elif kind == "locality":
-                pre = self._pre_edit_ids.get(probe.query.id)
-                if pre is None:
+        measure = kind.value.split("/", 1)[1]  # reliability_tf, locality, generality_gen, ...
+        pairs = list(zip(probe_set.probes, outputs))
+        if kind is EditProbe.PRE_EDIT:
+            for probe, output in pairs:
+                metrics.argmax_ids(output, probe.query.id)  # refused now, not when locality compares with it
+            return [{"pre_edit/locality_answer_tf": output.token_accuracy} for output in outputs]
+        if kind is EditProbe.LOCALITY:
+            pre_edit = {r.probe.query.id: r.output for r in earlier if r.probe_set == PRE_EDIT}
+            several_kinds = len(self.locality_kinds()) > 1
+            scores = []
+            for probe, output in pairs:
+                if probe.query.id not in pre_edit:
                     raise KBenchError(f"no pre-edit reference for {probe.query.id!r}: the pre-edit step must run first")
-                value = metrics.locality_agreement(pre, metrics.argmax_ids(output, probe.query.id))
+                value = metrics.locality_agreement(metrics.argmax_ids(pre_edit[probe.query.id], probe.query.id),
+                                                   metrics.argmax_ids(output, probe.query.id))
                 per_kind = {f"{prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
                 scores.append({f"{prefix}/locality": value} | per_kind)
-            elif kind.endswith("_tf"):
-                scores.append({probe_set.name: output.token_accuracy})
-            else:  # reliability_gen / generality_gen
-                name = probe_set.name.removesuffix("_gen")
-                scores.append({f"{name}_{k}": v for k, v in metrics.generated_scores(output.text, probe.answers[0]).items()})
-        return scores
+            return scores
+        if kind in (EditProbe.RELIABILITY_TF, EditProbe.GENERALITY_TF):
+            return [{f"{prefix}/{measure}": output.token_accuracy} for output in outputs]
+        name = f"{prefix}/{measure.removesuffix('_gen')}"  # reliability_gen / generality_gen
+        return [{f"{name}_{k}": v for k, v in metrics.generated_scores(output.text, probe.answers[0]).items()}
+                for probe, output in pairs]
 
     @staticmethod
     def _pairs(results: Sequence[ProbeResult]) -> dict[str, list[tuple[str, float]]]:
@@ -264,7 +286,7 @@ class EditingTask(Task):
     def _aggregate(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         return {name: metrics.macro_average(metrics.group_by_edit(pairs)) for name, pairs in self._pairs(results).items()}
 
-    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+    def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
         return self._aggregate(results)
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
@@ -284,7 +306,7 @@ class EditingTask(Task):
     def locality_kinds(self) -> list[str]:
         return sorted({kind for e in self.edits for kind in e.locality_kinds})
 
-    def metric_protocols(self) -> dict[str, str]:
+    def metric_protocols(self, results: Sequence[ProbeResult] = ()) -> dict[str, str]:
         p, T = self.prefix, len(self.edits)
         when = (f"each edit scored once after all T={T} edits were injected one by one without reset (sequential, "
                 "WISE/retention protocol)" if self.protocol == "sequential"

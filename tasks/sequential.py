@@ -149,10 +149,11 @@ class SequentialTask(Task):
         return self.source.training_knowledge()
 
     # ------------------------------------------------------------------ scoring
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+              earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         if self.side_effects.owns(probe_set):
-            return self.side_effects.score(probe_set, outputs)
-        rows = super().score(probe_set, outputs)
+            return self.side_effects.score(probe_set, outputs, earlier)
+        rows = super().score(probe_set, outputs, earlier)
         if not self.n_updates:
             return rows
         return [row | (self.side_effects.conflict_scores(probe, out) if probe.meta["injections"] > probe.meta["position"]
@@ -169,12 +170,12 @@ class SequentialTask(Task):
             cells[meta["sequence"]].append((meta["position"], meta["injections"], result.metrics[self.metric]))
         return {index: retention.retention_matrix(cells[index], self.length) for index in sorted(cells)}
 
-    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+    def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
         """This step's column of R (`{m}_ctx{i}`), the mean over injected and not-yet-injected contexts,
         and where the step is (`sequence`, `injections`), as flat floats for the W&B step log; with
         side-effect probes, their step metrics too."""
         results, side = self.side_effects.split(results)
-        side_metrics = self.side_effects.step_metrics(results, side)
+        side_metrics = self.side_effects.step_metrics(results, side, earlier)
         if not results:
             return side_metrics
         sequences = {r.probe.meta["sequence"] for r in results}
@@ -209,7 +210,7 @@ class SequentialTask(Task):
         side_effects = self.side_effects.summarize(*self.side_effects.split(results))
         return {f"{key}_{self.metric}": float(np.mean(summaries[key])) for key in self.summary_keys} | side_effects
 
-    def metric_protocols(self) -> dict[str, str]:
+    def metric_protocols(self, results: Sequence[ProbeResult] = ()) -> dict[str, str]:
         per_probe = qa.PROTOCOLS[self.metric]
         return {
             f"{key}_{self.metric}": f"{retention.PROTOCOLS[key]}; R[i, j] = mean over context i's probes of {per_probe}"

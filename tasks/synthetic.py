@@ -75,21 +75,22 @@ class SyntheticTask(ContextQATask):
     def steps(self) -> list[Step]:
         return self.side_effects.extend_steps(super().steps(), self.items)
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore]) -> list[dict[str, float]]:
+    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+              earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         if self.side_effects.owns(probe_set):
-            return self.side_effects.score(probe_set, outputs)
-        return super().score(probe_set, outputs)
+            return self.side_effects.score(probe_set, outputs, earlier)
+        return super().score(probe_set, outputs, earlier)
 
-    def step_metrics(self, results: Sequence[ProbeResult]) -> dict[str, float]:
+    def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
         own, side = self.side_effects.split(results)
-        return super().step_metrics(own) | self.side_effects.step_metrics(own, side)
+        return super().step_metrics(own, earlier) | self.side_effects.step_metrics(own, side, earlier)
 
     def summarize(self, results: Sequence[ProbeResult]) -> dict[str, float]:
         own, side = self.side_effects.split(results)
         return super().summarize(own) | self.side_effects.summarize(own, side)
 
-    def metric_protocols(self) -> dict[str, str]:
-        return super().metric_protocols() | self.side_effects.protocols()
+    def metric_protocols(self, results: Sequence[ProbeResult] = ()) -> dict[str, str]:
+        return super().metric_protocols(results) | self.side_effects.protocols()
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | ({"side_effects": self.side_effects.describe()} if self.side_effects.any else {})

@@ -7,6 +7,7 @@ import pytest
 from core.types import Answer, DataError, KBenchError, TargetScore
 from metrics.editing import generated_scores, locality_agreement, macro_average
 from runners.experiment import Experiment
+from runners.results import score_probe_set
 from tasks.base import ProbeResult
 from tasks.edit_data import generate_synthetic_edits, load_counterfact, load_zsre
 from tasks.editing import PRE_EDIT, EditingTask
@@ -137,12 +138,18 @@ def test_locality_compares_post_edit_with_pre_edit_argmax_tokens(tmp_path):
         task.score(final["after_all/locality"], _fake_outputs(final["after_all/locality"], lambda p: (5, 6, 7)))
     pre = steps[0].probe_sets[0]
     assert pre.name == PRE_EDIT and all(p.query.context == "" for p in pre.probes)
-    assert task.score(pre, _fake_outputs(pre, lambda p: (5, 6, 7), accuracy=1 / 3)) == [
-        {"pre_edit/locality_answer_tf": 1 / 3}] * 2
+    pre_results = score_probe_set(task, 0, pre, _fake_outputs(pre, lambda p: (5, 6, 7), accuracy=1 / 3))
+    assert [r.metrics for r in pre_results] == [{"pre_edit/locality_answer_tf": 1 / 3}] * 2
     post = _fake_outputs(final["after_all/locality"], lambda p: (5, 0, 7) if p.knowledge_id == "cf-0" else (5, 6, 7))
-    assert [s["after_all/locality"] for s in task.score(final["after_all/locality"], post)] == [2 / 3, 1.0]
+    # no state: the reference is read from the earlier results passed in, every time
+    for _ in range(2):
+        assert [s["after_all/locality"] for s in task.score(final["after_all/locality"], post, pre_results)] == [2 / 3, 1.0]
+    with pytest.raises(KBenchError, match="pre-edit step must run first"):
+        task.score(final["after_all/locality"], post)
     with pytest.raises(KBenchError, match="returned no predicted_ids"):
-        task.score(final["after_all/locality"], [TargetScore(-1.0, 3, 1.0)] * 2)
+        task.score(final["after_all/locality"], [TargetScore(-1.0, 3, 1.0)] * 2, pre_results)
+    with pytest.raises(KBenchError, match="returned no predicted_ids"):
+        task.score(pre, [TargetScore(-1.0, 3, 1.0)] * 2)
     scored = task.score(final["after_all/reliability_gen"], [Answer("English"), Answer("the piano player")])
     # "the piano player" -> "piano player": precision 1/2, recall 1 -> F1 2/3
     assert scored == [{"after_all/reliability_em": 1.0, "after_all/reliability_f1": 1.0},

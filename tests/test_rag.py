@@ -300,15 +300,17 @@ def test_task_reports_retrieval_recall_only_for_retrieval_methods(tiny_lm):
     method = RagBm25(tiny_lm)
     method.inject(step.knowledge)
     answers = method.answer([p.query for p in probe_set.probes], SPEC)
-    rows = task.score(probe_set, answers)
-    expected = [float(a.meta["retrieved_knowledge_ids"][0] == p.knowledge_id) for a, p in zip(answers, probe_set.probes)]
-    assert [r["retrieval_recall@1"] for r in rows] == expected and sum(expected) >= 10
-    assert "retrieval_recall@1" in task.metric_protocols()
-    plain = SyntheticTask(n_contexts=3, mode="batch")
     from core.types import Answer
+    from runners.results import score_probe_set
 
-    assert "retrieval_recall@1" not in plain.score(probe_set, [Answer("x")] * len(probe_set.probes))[0]
-    assert "retrieval_recall@1" not in plain.metric_protocols()
+    results = score_probe_set(task, 0, probe_set, answers)
+    expected = [float(a.meta["retrieved_knowledge_ids"][0] == p.knowledge_id) for a, p in zip(answers, probe_set.probes)]
+    assert [r.metrics["retrieval_recall@1"] for r in results] == expected and sum(expected) >= 10
+    assert "retrieval_recall@1" in task.metric_protocols(results)
+    plain = score_probe_set(task, 0, probe_set, [Answer("x")] * len(probe_set.probes))
+    assert "retrieval_recall@1" not in plain[0].metrics
+    # the protocols follow the results passed in, not what the task scored before
+    assert "retrieval_recall@1" not in task.metric_protocols(plain)
     method.reset()
     empty = method.answer([p.query for p in probe_set.probes[:2]], SPEC)
     assert [r["retrieval_recall@1"] for r in task.score(
