@@ -48,17 +48,52 @@ class NonFiniteLossError(KBenchError):
 
 
 @dataclass(frozen=True)
+class EditSpec:
+    """A structured edit (task=editing, task=synthetic's training split): what editors (MEMOIR, GRACE, WISE,
+    MEMIT, AlphaEdit) write and RECIPE trains on. Every prompt is rendered exactly as the task's probes ask
+    it, so an editor trains on the text it is tested on.
+
+    `target` is the continuation as scored, separator included (" English"); `target_new` the bare new
+    object ("English"; None when the task does not say, then `target.lstrip()` stands for it). Locality
+    prompts pair with `locality_answers` (bare, scored after the same separator as the target). `subject`
+    is the edited subject as it appears in `prompt` (the mass editors' lookup token), `ground_truth` the
+    pre-edit answer; None when unknown."""
+
+    prompt: str
+    target: str
+    target_new: str | None = None
+    rephrase_prompts: tuple[str, ...] = ()
+    locality_prompts: tuple[str, ...] = ()
+    locality_answers: tuple[str, ...] = ()
+    subject: str | None = None
+    ground_truth: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.locality_prompts) != len(self.locality_answers):
+            raise DataError(f"edit {self.prompt!r}: {len(self.locality_prompts)} locality prompts but "
+                            f"{len(self.locality_answers)} answers; each prompt needs its answer")
+
+    @property
+    def separator(self) -> str:
+        """What precedes `target_new` in `target` (" " for " English")."""
+        return self.target[: len(self.target) - len(self.target_new or self.target.lstrip())]
+
+
+@dataclass(frozen=True)
 class Knowledge:
     """One unit of knowledge to inject: a context paragraph (PwC, synthetic, a dialogue, an edit).
 
     `train_sentences` are task-provided target sentences ("Question: ...\\nAnswer: ...\\n"); methods that
-    train on sentences (FT(S), SELF-PARAM) use them when their sentence source is `task`.
+    train on sentences (FT(S), SELF-PARAM) use them when their sentence source is `task`. `edit` is the
+    structured edit when the knowledge is one (`EditSpec`); editors fall back to `train_sentences` split at
+    their answer marker when it is None. `meta` is free-form, for the task's own use.
     """
 
     id: str
     context: str
     train_sentences: tuple[str, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    edit: EditSpec | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not self.context.strip():

@@ -28,11 +28,17 @@ from core.types import Answer, GenerationSpec, KBenchError, Knowledge, Query, Ta
 
 
 def edit_pairs(item: Knowledge, answer_marker: str, method: str) -> list[tuple[str, str]]:
-    """The (prompt, target) pairs an editor writes for one piece of knowledge: task=editing's structured edit
-    (`meta["prompt"]`, `meta["target"]`), else each QA training sentence split at its last `answer_marker`
-    ("Question: q\nAnswer:" | " a"). Raises KBenchError naming the knowledge and sentence that have neither."""
+    """The (prompt, target) pairs an editor writes for one piece of knowledge: its structured edit
+    (`Knowledge.edit`), else each QA training sentence split at its last `answer_marker`
+    ("Question: q\nAnswer:" | " a"). Raises KBenchError naming the knowledge and sentence that have neither,
+    and for an edit left in `meta["prompt"]` / `meta["target"]` (the contract before `EditSpec`)."""
+    if item.edit is not None:
+        return [(item.edit.prompt, item.edit.target)]
     if "prompt" in item.meta and "target" in item.meta:
-        return [(item.meta["prompt"], item.meta["target"])]
+        raise KBenchError(
+            f"method={method}: knowledge {item.id!r} carries its edit in meta['prompt'] / meta['target']; a task "
+            "now passes it as Knowledge(edit=EditSpec(prompt=..., target=..., ...)) (core/types.py)"
+        )
     pairs = []
     for sentence in item.train_sentences:
         head, marker, tail = sentence.rpartition(answer_marker)

@@ -21,7 +21,7 @@ token:
   the radius the value replaces f's output at the key token (`replacement=last`; `prompt`: at the tokens
   before it; `all`: at every position, generated tokens included). Outside the radius the hook returns
   nothing and the logits are exactly the base model's.
-- Edits come from `Knowledge.meta` (`prompt`, `target`: task=editing) or, for QA tasks, from each
+- Edits come from `Knowledge.edit` (`prompt`, `target`: task=editing) or, for QA tasks, from each
   training sentence split at its last `answer_marker`.
 - `extra_storage_bytes`: keys + values + radii (fp32) + the stored targets' token ids (int32).
 

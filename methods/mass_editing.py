@@ -131,7 +131,7 @@ class MassEditor(Method):
     """MEMIT-style locate-then-edit on the down-projections of `layers` (module docstring).
 
     Subclasses define `layer_update` (and, for state kept across batches, `after_batch`,
-    `extra_state`). Edits come from `Knowledge.meta` (`prompt`, `target`, `subject`: task=editing) or,
+    `extra_state`). Edits come from `Knowledge.edit` (`prompt`, `target`, `subject`: task=editing) or,
     for QA tasks, from each training sentence split at its last `answer_marker` (no subject: the lookup
     token is then the prompt's last, the reference's `fact_token=last`)."""
 
@@ -307,8 +307,8 @@ class MassEditor(Method):
     # ------------------------------------------------------------------ edits
     def edit_requests(self, item: Knowledge) -> list[EditRequest]:
         """The structured edit of task=editing, else QA sentences split at the answer marker."""
-        if "prompt" in item.meta and "target" in item.meta:
-            return [EditRequest(item.id, item.meta["prompt"], item.meta["target"], item.meta.get("subject"))]
+        if item.edit is not None:
+            return [EditRequest(item.id, item.edit.prompt, item.edit.target, item.edit.subject)]
         return [EditRequest(item.id, prompt, target) for prompt, target in edit_pairs(item, self.answer_marker, self.name)]
 
     def inject(self, knowledge: Sequence[Knowledge]) -> None:

@@ -33,7 +33,7 @@ and π a fixed, seeded random permutation of the D columns (the reference's TopH
   every position of the sequence (prompt and generated tokens); otherwise the memory is off and the
   layer's output is exactly W x (locality). Each query is routed on its own, once, before its forward
   pass; the LM wrapper hands each batch's rows to the memory, so a batch may mix masks row by row.
-- Edits come from `Knowledge.meta` (`prompt`, `target`: task=editing) or, for QA tasks, from each
+- Edits come from `Knowledge.edit` (`prompt`, `target`: task=editing) or, for QA tasks, from each
   training sentence split at its last `answer_marker` ("Question: q\\nAnswer:" | " a").
 - Background texts (`prepare`): `locality` = the held-out split's locality prompts with their answers,
   "prompt answer" (the reference's `loc + ' ' + loc_ans` rows of zsre_mend_train.json); `general_text` =
@@ -74,7 +74,7 @@ from core.lm import LM, TokenBatch
 from core.options import checked
 from core.progress import progress
 from core.types import (
-    RETRIEVED_KNOWLEDGE_IDS, Answer, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat,
+    RETRIEVED_KNOWLEDGE_IDS, Answer, EditSpec, GenerationSpec, KBenchError, Knowledge, NonFiniteLossError, NonNegativeFloat,
     PositiveFloat, PositiveInt, Query, TargetScore, UnitFloat,
 )
 from methods.base import Method, edit_pairs
@@ -317,7 +317,8 @@ class MemoirMethod(Method):
         return [
             f"{prompt} {answer.strip()}"
             for item in training_knowledge
-            for prompt, answer in zip(item.meta.get("locality_prompts") or (), item.meta.get("locality_answers") or ())
+            if item.edit is not None
+            for prompt, answer in zip(item.edit.locality_prompts, item.edit.locality_answers)
             if prompt.strip() and answer.strip()
         ]
 
@@ -373,12 +374,12 @@ class MemoirMethod(Method):
     def _calibrate(self, training_knowledge: Sequence[Knowledge]) -> None:
         """Set `threshold` on the held-out split: the training edits' masks stand for stored edits, and the
         threshold is the lowest that routes `calibrate_threshold` of their locality prompts to no edit."""
-        edits = [item for item in training_knowledge if item.meta.get("locality_prompts") and "prompt" in item.meta]
+        edits = [item.edit for item in training_knowledge if item.edit is not None and item.edit.locality_prompts]
         if not edits:
             raise KBenchError("method.calibrate_threshold needs held-out edits with locality prompts (task=editing "
                               "with a training split); set it to null to use method.threshold")
-        stored = self.masks_of([item.meta["prompt"] for item in edits])
-        _, best = best_match(self.masks_of([p for item in edits for p in item.meta["locality_prompts"]]), stored, self.k)
+        stored = self.masks_of([edit.prompt for edit in edits])
+        _, best = best_match(self.masks_of([p for edit in edits for p in edit.locality_prompts]), stored, self.k)
         candidates = sorted(set(best.tolist())) + [1.0 + 1.0 / self.k]
         self.threshold = next(t for t in candidates if (best < t).float().mean() >= self.calibrate_threshold)
         self.threshold_source = (f"calibrated: routes {self.calibrate_threshold:.0%} of {len(best)} held-out locality "
@@ -451,7 +452,7 @@ class MemoirMethod(Method):
             self.prepare([])
         for item in knowledge:
             for prompt, target in self.edit_pairs(item):
-                self._edit(item.id, prompt, target, item.meta)
+                self._edit(item.id, prompt, target, item.edit)
 
     def _stop(self, losses: Sequence[float]) -> bool:
         """The reference's EarlyStopMeter, checked after the current loss is computed and before its step:
@@ -511,7 +512,7 @@ class MemoirMethod(Method):
                             "training through the full forward", self.layer_index, gap)
         return (lambda b: self._replay_logits(b, calls)) if self.replay else self.lm.target_logits
 
-    def _edit(self, edit_id: str, prompt: str, target: str, meta: dict[str, Any] | None = None) -> None:
+    def _edit(self, edit_id: str, prompt: str, target: str, spec: EditSpec | None = None) -> None:
         mask = self.masks_of([prompt])[0]
         columns = mask.nonzero().squeeze(1)
         rows, n_loss = self.training_rows(prompt, target, len(self.edit_ids))
@@ -548,7 +549,8 @@ class MemoirMethod(Method):
         self.masks = torch.cat([self.masks, mask[None]])
         self._overlap_seen = {}  # overlaps routed before this edit are stale
         self.edit_ids.append(edit_id)
-        self.edit_meta.append(dict(meta or {}, prompt=prompt))
+        self.edit_meta.append({"prompt": prompt, "rephrase_prompts": spec.rephrase_prompts if spec else (),
+                               "locality_prompts": spec.locality_prompts if spec else ()})
         self.edit_losses.append((losses[0], losses[-1], len(losses)))
 
     # ------------------------------------------------------------------ inference

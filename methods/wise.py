@@ -214,8 +214,8 @@ class WiseMethod(Method):
             templates += [(start.rstrip() + " " + text.replace("{", " ").replace("}", " ")).strip() + " {}"
                           for start, text in zip(TEMPLATE_STARTS, texts)]
         self.templates = templates
-        rows = [p + a for item in training_knowledge
-                for p, a in zip(item.meta.get("locality_prompts", []), [" " + x for x in item.meta.get("locality_answers", [])])]
+        rows = [p + " " + a for item in training_knowledge if item.edit is not None
+                for p, a in zip(item.edit.locality_prompts, item.edit.locality_answers)]
         if rows:
             self.irrelevant, source = rows[: self.n_irrelevant], "training"
         else:

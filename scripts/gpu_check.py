@@ -306,7 +306,7 @@ def time_training(method, examples, steps: int, batch_size: int, clock) -> tuple
 def part_c(out: Path, device: str, dry_run: bool, encoder: str) -> dict:
     import torch
 
-    from core.types import GenerationSpec, Knowledge
+    from core.types import EditSpec, GenerationSpec, Knowledge
     from methods.finetune import FineTuneSentences
     from methods.memoir import MemoirMethod
     from methods.selfparam import SelfParam
@@ -367,7 +367,7 @@ def part_c(out: Path, device: str, dry_run: bool, encoder: str) -> dict:
 
             # MEMOIR: seconds per edit (30 SGD iterations on the memory's columns, or fewer on early stop)
             edits = [Knowledge(id=f"e{i}", context=f"The mayor of Velmora is Tomas Veld{i}.",
-                               meta={"prompt": f"The mayor of town {i} is", "target": f" Tomas Veld{i}"}) for i in range(3)]
+                               edit=EditSpec(f"The mayor of town {i} is", f" Tomas Veld{i}")) for i in range(3)]
             memoir = MemoirMethod(lm, iterations=5 if dry_run else 30, background_source="model", n_background=16,
                                   background_tokens=16, stop_loss=0.0)
             memoir.prepare([])

@@ -33,7 +33,7 @@ def main(out: Path, overrides: list[str]) -> dict:
     method = build(cfg.method, "method", lm=lm)
     method.prepare(task.training_knowledge())
     knowledge = [task.knowledge(e) for e in task.edits]
-    method.masks = method.masks_of([k.meta["prompt"] for k in knowledge])
+    method.masks = method.masks_of([k.edit.prompt for k in knowledge])
     method.edit_ids = [k.id for k in knowledge]
     method.edit_meta = [dict(k.meta) for k in knowledge]
     summary = method.report(out)

@@ -16,7 +16,7 @@ import os
 import pytest
 import torch
 
-from core.types import GenerationSpec, Knowledge
+from core.types import EditSpec, GenerationSpec, Knowledge
 
 FAKE = os.environ.get("KBENCH_CUDA_TESTS_ON") == "cpu"
 DEV = "cpu" if FAKE else "cuda"
@@ -188,7 +188,7 @@ def test_memoir_and_selfparam_on_the_gpu(tiny_lm_factory):
     lm.model.to(torch.bfloat16)
     memoir = MemoirMethod(lm, layer=-1, iterations=4, background_source="model", n_background=4, background_tokens=4)
     memoir.inject([Knowledge(id="e", context="The capital of Velmora is Quill.",
-                             meta={"prompt": "The capital of Velmora is", "target": " Quill"})])
+                             edit=EditSpec("The capital of Velmora is", " Quill"))])
     assert memoir.memory.weight.dtype == torch.float32 and memoir.memory.weight.device.type == DEV
     memoir.remove()
     item = Knowledge(id="k", context="Velmora was founded in 1742.",

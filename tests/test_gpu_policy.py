@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, compose_config
 from core.models import DtypePolicy, dtype_policy, resolve_dtype
 from core.training import WeightUpdate, fp32_masters, train
-from core.types import KBenchError, Knowledge
+from core.types import EditSpec, KBenchError, Knowledge
 
 BF16, FP32 = torch.bfloat16, torch.float32
 
@@ -119,7 +119,7 @@ def test_memoir_memory_is_fp32_on_a_bf16_model(tiny_lm):
     method = MemoirMethod(lm, layer=-1, iterations=4, lr=1.0, background_source="model", n_background=4,
                           background_tokens=4)
     assert method.memory.weight.dtype == FP32
-    method.inject([Knowledge(id="e", context="The capital of Velmora is Quill.", meta={"prompt": "The capital of Velmora is", "target": " Quill"})])
+    method.inject([Knowledge(id="e", context="The capital of Velmora is Quill.", edit=EditSpec("The capital of Velmora is", " Quill"))])
     assert method.memory.weight.dtype == FP32 and method.memory.weight.abs().sum() > 0
 
 

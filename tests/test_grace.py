@@ -1,18 +1,20 @@
 """GRACE's codebook on the tiny real model: routing, the radius rules, reset, state round trip, config."""
+import dataclasses
+
 import pytest
 import torch
 
 from core.options import ConfigError
-from core.types import GenerationSpec, Knowledge, Query
+from core.types import EditSpec, GenerationSpec, Knowledge, Query
 from methods.grace import GraceMethod
 from runners.build import check_run
 from runners.experiment import Experiment
 from tests.conftest import compose_config, read_record
 
 EDIT = Knowledge(id="e0", context="Velmora founded Orvane",
-                 meta={"prompt": "Question: Who founded Velmora?\nAnswer:", "target": " Orvane"})
+                 edit=EditSpec("Question: Who founded Velmora?\nAnswer:", " Orvane"))
 OTHER = Knowledge(id="e1", context="The river Tessa",
-                  meta={"prompt": "Question: Which river runs through Kalden?\nAnswer:", "target": " Tessa"})
+                  edit=EditSpec("Question: Which river runs through Kalden?\nAnswer:", " Tessa"))
 UNRELATED = [Query(id=f"u{i}", prompt=p) for i, p in enumerate(
     ["Question: In what year was Brindle Hall established?\nAnswer:", " The copper clocks are old", "Who set up Marrow Inn?"])]
 
@@ -22,7 +24,7 @@ def grace(lm, **knobs) -> GraceMethod:
 
 
 def test_queries_outside_every_radius_are_bit_identical_and_the_edit_is_learned(tiny_lm):
-    pairs = [(q, " again") for q in UNRELATED] + [(Query(id="e", prompt=EDIT.meta["prompt"]), EDIT.meta["target"])]
+    pairs = [(q, " again") for q in UNRELATED] + [(Query(id="e", prompt=EDIT.edit.prompt), EDIT.edit.target)]
     queries, targets = [q for q, _ in pairs], [t for _, t in pairs]
     before = GraceMethod.score(grace(tiny_lm), queries, targets)  # hook installed, empty codebook
     spec = GenerationSpec(max_new_tokens=4, stop=())
@@ -37,7 +39,7 @@ def test_queries_outside_every_radius_are_bit_identical_and_the_edit_is_learned(
         assert a.logprob == b.logprob and a.predicted_ids == b.predicted_ids  # bit-identical
     # at the top layer the value (at the last prompt token) writes the first target token only: later target
     # positions never see it (no layer above to carry it there)
-    first = tiny_lm.encode(EDIT.meta["target"])[0]
+    first = tiny_lm.encode(EDIT.edit.target)[0]
     assert after[3].logprob > before[3].logprob + 1.0 and after[3].predicted_ids[0] == first != before[3].predicted_ids[0]
     assert after[3].predicted_ids[1:] == before[3].predicted_ids[1:]
     generated = method.answer(queries, spec)
@@ -54,13 +56,13 @@ def test_codebook_rules_add_expand_split(tiny_lm):
     assert [e["action"] for e in method.edit_log] == ["add", "add"] and len(method.keys) == 2
     assert method.epsilons.tolist() == [1.0, 1.0]
     # the same prompt with the same target again: no new entry; with another target: a split
-    method.inject([Knowledge(id="e0b", context="again", meta=dict(EDIT.meta))])
+    method.inject([Knowledge(id="e0b", context="again", edit=EDIT.edit)])
     assert method.edit_log[-1]["action"] == "expand" and len(method.keys) == 2 and method.edit_ids[0] == ["e0", "e0b"]
-    method.inject([Knowledge(id="e0c", context="conflict", meta=EDIT.meta | {"target": " Brask"})])
+    method.inject([Knowledge(id="e0c", context="conflict", edit=dataclasses.replace(EDIT.edit, target=" Brask"))])
     assert method.edit_log[-1]["action"] == "split" and len(method.keys) == 3
     assert method.epsilons[0] < 0 and method.epsilons[2] == 0  # d = 0: both radii halve to (almost) nothing
     # as in the reference, the tie goes to the older entry, whose radius is now negative: the prompt is deferred
-    assert method.route([Query(id="q", prompt=EDIT.meta["prompt"])])[0][0] is None
+    assert method.route([Query(id="q", prompt=EDIT.edit.prompt)])[0][0] is None
     # a key just out of reach of the nearest entry's radius + eps gets its own entry; within it, coverage grows
     near = method.keys[1] + 0.5 / method.keys.shape[1] ** 0.5
     entry, action = method._update_codebook(near, method.labels[1], "n", tiny_lm.prompt_ids("x"))
@@ -74,13 +76,13 @@ def test_codebook_rules_add_expand_split(tiny_lm):
 def test_reset_restores_the_original_model(tiny_lm):
     weights = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     method = grace(tiny_lm)
-    query = Query(id="q", prompt=EDIT.meta["prompt"])
-    before = method.score([query], [EDIT.meta["target"]])[0]
+    query = Query(id="q", prompt=EDIT.edit.prompt)
+    before = method.score([query], [EDIT.edit.target])[0]
     method.inject([EDIT])
-    assert method.score([query], [EDIT.meta["target"]])[0].logprob != before.logprob
+    assert method.score([query], [EDIT.edit.target])[0].logprob != before.logprob
     method.reset()
     assert len(method.keys) == 0 and method.extra_storage_bytes() == 0
-    after = method.score([query], [EDIT.meta["target"]])[0]
+    after = method.score([query], [EDIT.edit.target])[0]
     assert after.logprob == before.logprob and after.predicted_ids == before.predicted_ids
     assert all(torch.equal(v, weights[k]) for k, v in tiny_lm.model.state_dict().items())  # GRACE never writes weights
 
@@ -133,7 +135,7 @@ def test_grace_runs_end_to_end_on_the_tiny_model(tmp_path):
 def test_replaying_the_frozen_layers_gives_the_full_forward(tiny_lm):
     from methods.grace import FrozenPrefix
 
-    batch = tiny_lm.collate([(tiny_lm.prompt_ids(EDIT.meta["prompt"]), tiny_lm.encode(EDIT.meta["target"]))] * 2)
+    batch = tiny_lm.collate([(tiny_lm.prompt_ids(EDIT.edit.prompt), tiny_lm.encode(EDIT.edit.target))] * 2)
     full = tiny_lm.target_logits(batch)
     frozen = FrozenPrefix(tiny_lm.decoder_layers(), 3, check=True)
     calls = []

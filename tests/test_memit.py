@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core import general_text
-from core.types import KBenchError, Knowledge, Query
+from core.types import EditSpec, KBenchError, Knowledge, Query
 from methods.alphaedit import AlphaEditMethod
 from methods.mass_editing import alphaedit_update, layer_indices, memit_update, nullspace_projector
 from methods.memit import MemitMethod
@@ -14,9 +14,9 @@ from runners.experiment import Experiment
 from tests.conftest import compose_config, read_record
 
 EDIT = Knowledge(id="e0", context="Velmora was founded by Orvane",
-                 meta={"prompt": "Question: Who founded Velmora?\nAnswer:", "target": " Orvane", "subject": "Velmora"})
+                 edit=EditSpec("Question: Who founded Velmora?\nAnswer:", " Orvane", subject="Velmora"))
 OTHER = Knowledge(id="e1", context="The copper clocks are old",
-                  meta={"prompt": "Question: How old are the copper clocks?\nAnswer:", "target": " old", "subject": "copper clocks"})
+                  edit=EditSpec("Question: How old are the copper clocks?\nAnswer:", " old", subject="copper clocks"))
 TEXT = [f"The town of Velmora {i} has a river, a bridge near the old mill and a market square where "
         f"{['bakers', 'clockmakers', 'weavers', 'potters'][i % 4]} sell their goods on day {i % 7}." for i in range(60)]
 # small and quick: two layers, a few value steps, one context template
@@ -92,7 +92,7 @@ def test_memit_writes_the_value_into_the_residual(tiny_lm, text_file):
     after = method.residual_at([request])[0]
     assert float((z - before).norm()) > 0.5
     assert float((z - after).norm()) < 1e-3 * float((z - before).norm())
-    query = Query(id="q", prompt=EDIT.meta["prompt"])
+    query = Query(id="q", prompt=EDIT.edit.prompt)
     method.reset()
     base = method.score([query], [" Orvane\n"])[0].logprob
     method.compute_z = lambda r: z
@@ -161,8 +161,8 @@ def test_saved_state_continues_exactly(tiny_lm_factory, text_file, tmp_path, cls
     first = cls(tiny_lm_factory(), stats_paths=[str(text_file)], batch_size=2, **FAST)
     first.prepare([])
     first.inject([EDIT, OTHER])
-    first.inject([Knowledge(id="e2", context="Orvane is blue", meta={"prompt": "Question: What colour is Orvane?\nAnswer:",
-                                                                      "target": " blue", "subject": "Orvane"})])
+    first.inject([Knowledge(id="e2", context="Orvane is blue", edit=EditSpec("Question: What colour is Orvane?\nAnswer:",
+                                                                               " blue", subject="Orvane"))])
     assert first.pending and len(first.applied) == 2
     state = tmp_path / "state"
     state.mkdir()
@@ -173,8 +173,8 @@ def test_saved_state_continues_exactly(tiny_lm_factory, text_file, tmp_path, cls
     second.prepare([])
     second.load_state(state)
     assert second.templates == first.templates and [r.id for r in second.pending] == ["e2"]
-    last = Knowledge(id="e3", context="Velmora is old", meta={"prompt": "Question: How old is Velmora?\nAnswer:",
-                                                              "target": " ancient", "subject": "Velmora"})
+    last = Knowledge(id="e3", context="Velmora is old", edit=EditSpec("Question: How old is Velmora?\nAnswer:",
+                                                                       " ancient", subject="Velmora"))
     for method in (first, second):
         method.inject([last])
     for l in first.layer_ids:
@@ -188,7 +188,7 @@ def test_pending_edits_are_written_before_answering(tiny_lm, text_file):
     original = weights(method)
     method.inject([EDIT])
     assert method.pending and all(torch.equal(original[l], m.weight) for l, m in method.modules.items())
-    method.score([Query(id="q", prompt=EDIT.meta["prompt"])], [" Orvane"])
+    method.score([Query(id="q", prompt=EDIT.edit.prompt)], [" Orvane"])
     assert not method.pending and method.info()["edits_applied_at_scoring"] == 1
     assert any(not torch.equal(original[l], m.weight) for l, m in method.modules.items())
 

@@ -1,24 +1,25 @@
 """MEMOIR sparse residual memory on hand-made activations and the tiny real model."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from core.types import GenerationSpec, KBenchError, Knowledge, Query
+from core.types import EditSpec, GenerationSpec, KBenchError, Knowledge, Query
 from methods.memoir import MemoirMethod, best_match, select_mask
 from metrics.retrieval import retrieval_scores
 from runners.experiment import Experiment
 from tests.conftest import compose_config, read_record
 
 EDIT = Knowledge(id="e0", context="Velmora founded Orvane",
-                 meta={"prompt": " Velmora founded", "target": " Orvane glass"})
+                 edit=EditSpec(" Velmora founded", " Orvane glass"))
 OTHER = Knowledge(id="e1", context="The copper clocks are old",
-                  meta={"prompt": " The copper clocks", "target": " are old"})
+                  edit=EditSpec(" The copper clocks", " are old"))
 
 
-LOCALITY = Knowledge(id="t0", context="c", meta={
-    "prompt": " Orvane glass comes from", "target": " Velmora",
-    "locality_prompts": [" The copper clocks of the river", " A quiet town"], "locality_answers": ["ring", "sleeps"]})
+LOCALITY = Knowledge(id="t0", context="c", edit=EditSpec(
+    " Orvane glass comes from", " Velmora",
+    locality_prompts=(" The copper clocks of the river", " A quiet town"), locality_answers=("ring", "sleeps")))
 PREVIOUS = dict(augment_lengths=[], unrelated_in_batch=False, background_source="edit_prompts",
                 weight_decay_scope="columns", include_start_tokens=False, stop_flat=None)
 
@@ -67,18 +68,18 @@ def test_memory_off_below_threshold_leaves_the_logits_exactly_unchanged(tiny_lm)
         assert torch.equal(tiny_lm.model(ids).logits, before)  # the hook adds nothing while the memory is off
     after = method.score([unrelated], [" again"])[0]
     assert after.logprob == base_score[0].logprob and after.predicted_ids == base_score[0].predicted_ids
-    edited = method.score([Query(id="e", prompt=EDIT.meta["prompt"])], [EDIT.meta["target"]])[0]
-    assert method.route([Query(id="e", prompt=EDIT.meta["prompt"])])[0] == (0, 1.0)
-    assert edited.logprob > MemoirMethod.score(memoir(tiny_lm), [Query(id="e", prompt=EDIT.meta["prompt"])],
-                                               [EDIT.meta["target"]])[0].logprob
+    edited = method.score([Query(id="e", prompt=EDIT.edit.prompt)], [EDIT.edit.target])[0]
+    assert method.route([Query(id="e", prompt=EDIT.edit.prompt)])[0] == (0, 1.0)
+    assert edited.logprob > MemoirMethod.score(memoir(tiny_lm), [Query(id="e", prompt=EDIT.edit.prompt)],
+                                               [EDIT.edit.target])[0].logprob
 
 
 def test_a_batch_mixes_routed_and_unrouted_rows_exactly_as_one_by_one(tiny_lm):
     method = memoir(tiny_lm, threshold=1.0)
     method.inject([EDIT, OTHER])
-    queries = [Query(id="a", prompt=EDIT.meta["prompt"]), Query(id="u", prompt=" The river Orvane runs north"),
-               Query(id="b", prompt=OTHER.meta["prompt"])]
-    targets = [EDIT.meta["target"], " again", OTHER.meta["target"]]
+    queries = [Query(id="a", prompt=EDIT.edit.prompt), Query(id="u", prompt=" The river Orvane runs north"),
+               Query(id="b", prompt=OTHER.edit.prompt)]
+    targets = [EDIT.edit.target, " again", OTHER.edit.target]
     assert [edit for edit, _ in method.route(queries)] == [0, None, 1]
     together = method.score(queries, targets)
     alone = [method.score([q], [t])[0] for q, t in zip(queries, targets)]
@@ -134,11 +135,11 @@ def test_the_training_batch_is_the_edit_its_augmented_prefixes_and_one_unrelated
     assert all(p.startswith(w) for p, w in zip(prefixes, starts * 2))
     for short, long in zip(prefixes[:5], prefixes[5:]):  # 5 then 10 new tokens after the start word
         assert len(tiny_lm.encode(short)) <= len(tiny_lm.encode(long)) <= len(tiny_lm.encode(short)) + 6
-    rows, n_loss = method.training_rows(EDIT.meta["prompt"], EDIT.meta["target"], position=3)
-    target = tiny_lm.encode(EDIT.meta["target"] + "\n")
+    rows, n_loss = method.training_rows(EDIT.edit.prompt, EDIT.edit.target, position=3)
+    target = tiny_lm.encode(EDIT.edit.target + "\n")
     assert len(rows) == 12 and n_loss == 11
-    assert rows[0] == (tiny_lm.prompt_ids(EDIT.meta["prompt"]), target)
-    assert rows[1:11] == [(tiny_lm.prompt_ids(f"{p} {EDIT.meta['prompt']}"), target) for p in prefixes]
+    assert rows[0] == (tiny_lm.prompt_ids(EDIT.edit.prompt), target)
+    assert rows[1:11] == [(tiny_lm.prompt_ids(f"{p} {EDIT.edit.prompt}"), target) for p in prefixes]
     unrelated = method.text_ids(method.unrelated_texts[3 % len(method.unrelated_texts)])
     assert rows[11][0] + rows[11][1] == unrelated
     # cached on disk and read back by the next method, which generates nothing
@@ -149,7 +150,7 @@ def test_the_training_batch_is_the_edit_its_augmented_prefixes_and_one_unrelated
     assert again.augment_prefixes() == prefixes
     del again.lm.model.generate
     bare, n_bare = memoir(tiny_lm, augment_lengths=[], unrelated_in_batch=False).training_rows(
-        EDIT.meta["prompt"], EDIT.meta["target"], 0)
+        EDIT.edit.prompt, EDIT.edit.target, 0)
     assert (len(bare), n_bare) == (1, 1)  # the previous behaviour: the bare prompt alone
 
 
@@ -176,13 +177,13 @@ def test_stop_rule_is_the_reference_early_stop_meter(tiny_lm):
 
 def test_reset_forgets_every_edit(tiny_lm):
     method = memoir(tiny_lm, threshold=0.0)
-    query = Query(id="q", prompt=EDIT.meta["prompt"])
-    before = method.score([query], [EDIT.meta["target"]])[0].logprob
+    query = Query(id="q", prompt=EDIT.edit.prompt)
+    before = method.score([query], [EDIT.edit.target])[0].logprob
     method.inject([EDIT])
-    assert method.score([query], [EDIT.meta["target"]])[0].logprob != before
+    assert method.score([query], [EDIT.edit.target])[0].logprob != before
     method.reset()
     assert method.memory.weight.abs().sum() == 0 and len(method.masks) == 0
-    assert method.score([query], [EDIT.meta["target"]])[0].logprob == before
+    assert method.score([query], [EDIT.edit.target])[0].logprob == before
     answers = method.answer([query], GenerationSpec(max_new_tokens=2, stop=()))
     assert answers[0].meta == {"retrieved_knowledge_ids": [], "overlap": 0.0}
 
@@ -210,7 +211,7 @@ def test_background_mean_comes_from_unrelated_locality_texts_not_edit_prompts(ti
     bos = tiny_lm.start_ids
     expected = method.features_of([bos + tiny_lm.encode(t) for t in texts]).mean(0)
     assert torch.allclose(method.background_mean, expected)
-    edit_prompts = method.prompt_features([LOCALITY.meta["prompt"], EDIT.meta["prompt"]]).mean(0)
+    edit_prompts = method.prompt_features([LOCALITY.edit.prompt, EDIT.edit.prompt]).mean(0)
     assert not torch.allclose(method.background_mean, edit_prompts, atol=1e-3)
     previous = memoir(tiny_lm, background_source="edit_prompts")
     previous.prepare([LOCALITY, EDIT])
@@ -236,7 +237,7 @@ def test_background_from_general_text_is_detokenised_without_unk_sentences(tiny_
 
 
 def test_prompt_mean_includes_the_start_token_like_the_reference(tiny_lm):
-    ids = tiny_lm.prompt_ids(EDIT.meta["prompt"])
+    ids = tiny_lm.prompt_ids(EDIT.edit.prompt)
     assert tiny_lm.start_ids and ids[0] == tiny_lm.start_ids[0]
     assert memoir(tiny_lm)._feature_ids(ids) == ([], ids)
     assert memoir(tiny_lm, include_start_tokens=False)._feature_ids(ids) == (ids[:1], ids[1:])
@@ -293,8 +294,8 @@ def test_threshold_calibration_on_the_held_out_split_routes_its_locality_prompts
     training = held_out.training_knowledge()
     method = memoir(tiny_lm, background_source="locality", calibrate_threshold=0.75)
     method.prepare(training)
-    stored = method.masks_of([k.meta["prompt"] for k in training])
-    _, best = best_match(method.masks_of([p for k in training for p in k.meta["locality_prompts"]]), stored, method.k)
+    stored = method.masks_of([k.edit.prompt for k in training])
+    _, best = best_match(method.masks_of([p for k in training for p in k.edit.locality_prompts]), stored, method.k)
     assert (best < method.threshold).float().mean() >= 0.75
     assert (best < max(v for v in best.tolist() if v < method.threshold)).float().mean() < 0.75  # the lowest such
     assert method.info()["threshold_source"].startswith("calibrated")
@@ -304,8 +305,9 @@ def test_threshold_calibration_on_the_held_out_split_routes_its_locality_prompts
 
 def test_report_overlaps_match_the_routing_of_each_kind_of_prompt(tiny_lm, tmp_path):
     method = memoir(tiny_lm, iterations=2, augment_lengths=[])
-    edit = Knowledge(id="e0", context="c", meta=EDIT.meta | {"rephrase_prompts": [" Velmora was founded by"],
-                                                            "locality_prompts": [" The river runs north"]})
+    edit = Knowledge(id="e0", context="c", edit=dataclasses.replace(
+        EDIT.edit, rephrase_prompts=(" Velmora was founded by",), locality_prompts=(" The river runs north",),
+        locality_answers=(" again",)))
     method.inject([edit, OTHER])
     routed = method.route([Query(id="r", prompt=" Velmora was founded by")])[0][1]  # cached for the report
     fresh = memoir(tiny_lm, iterations=2, augment_lengths=[])

@@ -153,3 +153,18 @@ def test_generated_sentences_are_cached_per_context_and_config(tiny_lm, tmp_path
     generator(Knowledge(id="b", context="ctx two"), tiny_lm)
     Scripted(n_sentences=1, prompt="{context} Question:", min_answer_prob=0)(Knowledge(id="a", context="ctx one"), tiny_lm)
     assert len(calls) == 3  # a new context and a new config both miss the cache
+
+
+def test_an_edit_left_in_meta_by_an_old_task_is_refused_naming_editspec():
+    """A task written to the contract before EditSpec (meta["prompt"], meta["target"]) must not be read as
+    QA sentences silently: editors name the field to fill instead."""
+    from core.types import EditSpec, KBenchError, Knowledge
+    from methods.base import edit_pairs
+
+    old = Knowledge(id="k", context="c", meta={"prompt": "The capital of Velmora is", "target": " Quill"})
+    with pytest.raises(KBenchError, match=r"Knowledge\(edit=EditSpec"):
+        edit_pairs(old, "\nAnswer:", "grace")
+    new = Knowledge(id="k", context="c", edit=EditSpec("The capital of Velmora is", " Quill"))
+    assert edit_pairs(new, "\nAnswer:", "grace") == [("The capital of Velmora is", " Quill")]
+    qa = Knowledge(id="q", context="c", train_sentences=("Question: Who?\nAnswer: Ada\n",))
+    assert edit_pairs(qa, "\nAnswer:", "grace") == [("Question: Who?\nAnswer:", " Ada")]

@@ -143,7 +143,7 @@ def test_bad_training_input_fails_clearly(lm):
     method = Recipe(lm, cache=False, **FAST)
     with pytest.raises(KBenchError, match="gave no training split"):
         method.prepare([])
-    with pytest.raises(KBenchError, match=r"has no \['prompt', 'target'"):
+    with pytest.raises(KBenchError, match=r"'k' has no structured edit \(Knowledge.edit\)"):
         training_edits([Knowledge(id="k", context="a paragraph")])
     with pytest.raises(KBenchError, match="before prepare"):
         method.inject([Knowledge(id="k", context="a paragraph")])
@@ -176,7 +176,7 @@ def test_synthetic_training_split_is_held_out_and_follows_the_contract():
     assert len(split) == 5 * 4 and len({k.id for k in split}) == 20  # one Knowledge per fact
     evaluated = {f["subject"] for item in task.items for f in item.knowledge.meta["facts"]}
     edits = training_edits(split)
-    assert not evaluated & {k.meta["subject"] for k in split}
+    assert not evaluated & {k.edit.subject for k in split}
     assert all(e.prompt.startswith("Question: ") and e.prompt.endswith("\nAnswer:") for e in edits)
     assert all(e.target.startswith(" ") and e.target.strip() in e.statement for e in edits)
     assert all(e.locality and e.locality[0][0] not in {x.prompt for x in edits} for e in edits)

@@ -3,20 +3,20 @@ import pytest
 import torch
 
 from core.options import ConfigError
-from core.types import GenerationSpec, Knowledge, Query
+from core.types import EditSpec, GenerationSpec, Knowledge, Query
 from methods.wise import WiseMethod, positive_mean, routing_activation, ties_merge
 from runners.build import check_run
 from runners.experiment import Experiment
 from tests.conftest import compose_config, read_record
 
-EDITS = [Knowledge(id=f"e{i}", context=f"{p}{t}", meta={"prompt": p, "target": t}) for i, (p, t) in enumerate([
+EDITS = [Knowledge(id=f"e{i}", context=f"{p}{t}", edit=EditSpec(p, t)) for i, (p, t) in enumerate([
     ("Question: Who founded Velmora?\nAnswer:", " Orvane"),
     ("Question: Which river runs through Kalden?\nAnswer:", " Tessa"),
     ("Question: In what year did Brask open?\nAnswer:", " 1911"),
 ])]
 # the held-out split's locality rows stand for the reference's training-set `loc_prompt`s
-HELD_OUT = [Knowledge(id="t0", context="x", meta={"locality_prompts": ["Question: Who designed Pell Tower?\nAnswer:"],
-                                                 "locality_answers": ["Mara Finch"]})]
+HELD_OUT = [Knowledge(id="t0", context="x", edit=EditSpec("Question: Who built Kalden?\nAnswer:", " Ada", locality_prompts=(
+    "Question: Who designed Pell Tower?\nAnswer:",), locality_answers=("Mara Finch",)))]
 UNRELATED = Query(id="u", prompt="The weather is nice today")
 
 
@@ -44,8 +44,8 @@ def test_ties_merge_keeps_the_top_entries_and_the_elected_sign():
 
 
 def test_an_unrelated_query_uses_the_main_memory_bit_identically_and_the_edit_the_side_memory(tiny_lm):
-    queries = [UNRELATED, Query(id="e", prompt=EDITS[0].meta["prompt"])]
-    targets = [" indeed", EDITS[0].meta["target"]]
+    queries = [UNRELATED, Query(id="e", prompt=EDITS[0].edit.prompt)]
+    targets = [" indeed", EDITS[0].edit.target]
     before = wise(tiny_lm).score(queries, targets)
     spec = GenerationSpec(max_new_tokens=3, stop=())
     generated_before = [a.text for a in wise(tiny_lm).answer(queries, spec)]
@@ -84,13 +84,13 @@ def test_shards_are_stored_in_their_own_subspace_and_merged(tiny_lm):
 def test_reset_restores_the_original_weights_and_outputs(tiny_lm):
     weights = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     method = wise(tiny_lm)
-    query = Query(id="q", prompt=EDITS[0].meta["prompt"])
-    before = method.score([query], [EDITS[0].meta["target"]])[0]
+    query = Query(id="q", prompt=EDITS[0].edit.prompt)
+    before = method.score([query], [EDITS[0].edit.target])[0]
     method.inject([EDITS[0]])
-    assert method.score([query], [EDITS[0].meta["target"]])[0].logprob != before.logprob
+    assert method.score([query], [EDITS[0].edit.target])[0].logprob != before.logprob
     method.reset()
     assert torch.equal(method.side, method.main) and not method.memories and method.extra_storage_bytes() == 0
-    after = method.score([query], [EDITS[0].meta["target"]])[0]
+    after = method.score([query], [EDITS[0].edit.target])[0]
     assert after.logprob == before.logprob and after.predicted_ids == before.predicted_ids
     assert all(torch.equal(v, weights[k]) for k, v in tiny_lm.model.state_dict().items())
 
