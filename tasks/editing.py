@@ -9,10 +9,10 @@ The contract with methods (RECIPE and MEMOIR rely on it) — each edit is one `K
 - `context`: the edit as a statement, prompt + target, e.g. "The mother tongue of Danielle Darrieux is
   English" (what `method=context` puts in front of a probe, what a retriever indexes);
 - `train_sentences`: (statement + "\\n",), so the FT baselines train on the edit itself;
-- `meta`: the structured edit, every prompt already rendered with `prompt_template` exactly as probes ask it:
-  `prompt`, `target` (the continuation as scored, `target_separator` + target_new, e.g. " English"),
-  `target_new`, `rephrase_prompts`, `locality_prompts`, `locality_answers` (lists), `subject` and
-  `ground_truth` (None when unknown).
+- `edit`: the structured edit (`core.types.EditSpec`), every prompt already rendered with `prompt_template`
+  exactly as probes ask it: `prompt`, `target` (the continuation as scored, `target_separator` +
+  target_new, e.g. " English"), `target_new`, `rephrase_prompts`, `locality_prompts`, `locality_answers`,
+  `subject` and `ground_truth` (None when unknown).
 
 Protocols (every metric name starts with its protocol, see `metric_protocols`):
 - step 0 (`pre_edit`): before any edit, the locality prompts are scored teacher-forced on their answers;
@@ -37,7 +37,7 @@ from pydantic import Field
 
 from core.options import checked
 from core.types import (
-    Answer, DataError, GenerationSpec, KBenchError, Knowledge, NonEmptyStr, NonNegativeInt, PositiveInt, Probe, ProbeSet,
+    Answer, DataError, EditSpec, GenerationSpec, KBenchError, Knowledge, NonEmptyStr, NonNegativeInt, PositiveInt, Probe, ProbeSet,
     Query, Step, TargetScore,
 )
 from metrics import editing as metrics
@@ -166,16 +166,16 @@ class EditingTask(Task):
             id=edit.id,
             context=statement,
             train_sentences=(statement + "\n",),
-            meta={
-                "prompt": prompt,
-                "target": target,
-                "target_new": edit.target_new,
-                "rephrase_prompts": [self.render(p) for p in edit.rephrase_prompts],
-                "locality_prompts": [self.render(p) for p in edit.locality_prompts],
-                "locality_answers": list(edit.locality_answers),
-                "subject": edit.subject,
-                "ground_truth": edit.ground_truth,
-            },
+            edit=EditSpec(
+                prompt=prompt,
+                target=target,
+                target_new=edit.target_new,
+                rephrase_prompts=tuple(self.render(p) for p in edit.rephrase_prompts),
+                locality_prompts=tuple(self.render(p) for p in edit.locality_prompts),
+                locality_answers=tuple(edit.locality_answers),
+                subject=edit.subject,
+                ground_truth=edit.ground_truth,
+            ),
         )
 
     def training_knowledge(self) -> list[Knowledge]:
@@ -433,7 +433,7 @@ class EditingTask(Task):
             "n_locality_prompts": kinds,
             "n_train_edits": len(self.train_edits),
             "dropped": dict(self.dropped),
-            "example": json.loads(json.dumps(self.knowledge(edits[0]).meta, default=str)),
+            "example": json.loads(json.dumps(dataclasses.asdict(self.knowledge(edits[0]).edit), default=str)),
         }
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from core.options import checked
-from core.types import Answer, Knowledge, NonNegativeInt, PositiveInt, ProbeSet, Step, TargetScore
+from core.types import Answer, EditSpec, Knowledge, NonNegativeInt, PositiveInt, ProbeSet, Step, TargetScore
 from tasks.base import ProbeResult
 from tasks.context_qa import ContextQATask, QAItem
 from tasks.side_effects import SideEffectProbes
@@ -133,16 +133,15 @@ class SyntheticTask(ContextQATask):
                 knowledge.append(Knowledge(
                     id=f"syn-train{self.train_data_seed}-{index}/{fact['relation']}",
                     context=context,
-                    meta={
-                        "prompt": ask(relation.train_questions[0], fact["subject"]),
-                        "target": " " + fact["value"],
-                        "target_new": fact["value"],
-                        "rephrase_prompts": [ask(q, fact["subject"]) for q in relation.train_questions[1:]],
-                        "locality_prompts": [ask(other_question, other["subject"])],
-                        "locality_answers": [other["value"]],
-                        "subject": fact["subject"],
-                        "ground_truth": None,
-                    },
+                    edit=EditSpec(
+                        prompt=ask(relation.train_questions[0], fact["subject"]),
+                        target=" " + fact["value"],
+                        target_new=fact["value"],
+                        rephrase_prompts=tuple(ask(q, fact["subject"]) for q in relation.train_questions[1:]),
+                        locality_prompts=(ask(other_question, other["subject"]),),
+                        locality_answers=(other["value"],),
+                        subject=fact["subject"],
+                    ),
                 ))
         return knowledge
 

@@ -78,10 +78,11 @@ def test_task_renders_edits_as_knowledge_with_the_documented_contract(tmp_path):
     knowledge = task.knowledge(task.edits[0])
     assert knowledge.context == "The mother tongue of Danielle Darrieux is English"
     assert knowledge.train_sentences == ("The mother tongue of Danielle Darrieux is English\n",)
-    assert knowledge.meta["prompt"] == "The mother tongue of Danielle Darrieux is"
-    assert knowledge.meta["target"] == " English" and knowledge.meta["target_new"] == "English"
-    assert knowledge.meta["locality_prompts"] == ["Michel Rocard is a native speaker of"]
-    assert knowledge.meta["locality_answers"] == ["French"] and knowledge.meta["ground_truth"] == "French"
+    assert knowledge.edit.prompt == "The mother tongue of Danielle Darrieux is"
+    assert knowledge.edit.target == " English" and knowledge.edit.target_new == "English"
+    assert knowledge.edit.separator == " " and knowledge.edit.subject == "Danielle Darrieux"
+    assert knowledge.edit.locality_prompts == ("Michel Rocard is a native speaker of",)
+    assert knowledge.edit.locality_answers == ("French",) and knowledge.edit.ground_truth == "French"
     assert task.training_knowledge() == []
 
 
@@ -218,7 +219,7 @@ def test_the_real_counterfact_files_load_and_the_training_split_is_disjoint(shar
     assert len(task.edits) == 50 and task.edits[0].target_new == "English"
     assert all(e.rephrase_prompts and e.locality_prompts for e in task.edits)
     train = task.training_knowledge()
-    assert len(train) == 200 and not {k.meta["prompt"] for k in train} & {e.prompt for e in task.edits}
+    assert len(train) == 200 and not {k.edit.prompt for k in train} & {e.prompt for e in task.edits}
 
 
 @pytest.mark.slow
