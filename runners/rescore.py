@@ -8,7 +8,7 @@ are regenerated (they depend only on the config) and every probe is matched to i
 (step, probe_set, probe_id); a missing, duplicate or unmatched prediction, or one made for another
 prompt, is an error, so an override that changes *what was asked* (not how it is scored) is refused.
 Each prediction becomes an `Answer` (text and method meta) or a `TargetScore` again, and the task's
-own `score`, `step_metrics`, `summarize`, `metric_protocols` and `report` produce the new numbers, as
+own `process_results`, `step_metrics`, `summarize`, `metric_protocols` and `report` produce the new numbers, as
 in the run itself (`runners.results`).
 
 Output: a new directory `rescored-<hash of the overrides>/` beside the original record (or `--out`),

@@ -38,10 +38,10 @@ def score_probe_set(
     earlier: Sequence[ProbeResult] = (),
 ) -> list[ProbeResult]:
     """The task's per-probe metrics for one probe set's outputs, as `ProbeResult`s; `earlier`: the results of
-    the run's earlier steps (`Task.score`)."""
+    the run's earlier steps (`Task.process_results`)."""
     if len(outputs) != len(probe_set.probes):
         raise ValueError(f"probe set {probe_set.name!r}: {len(outputs)} outputs for {len(probe_set.probes)} probes")
-    scores = task.score(probe_set, outputs, earlier)
+    scores = task.process_results(probe_set, outputs, earlier)
     return [ProbeResult(step_index, probe_set.name, p, out, s) for p, out, s in zip(probe_set.probes, outputs, scores)]
 
 

@@ -264,7 +264,7 @@ def finished_steps(attempt_dir: Path, recorded: list[dict[str, Any]], run_id: st
 
 def score_again(task: Task, finished: FinishedSteps) -> dict[int, list[ProbeResult]]:
     """The task's scores of the finished steps' outputs, per step index, each probe set given the results
-    of the steps before it (`Task.score`), exactly as the attempt scored them."""
+    of the steps before it (`Task.process_results`), exactly as the attempt scored them."""
     by_step: dict[int, list[ProbeResult]] = {}
     for (step, _, _), scored in zip(finished.outputs, score_in_run_order(task, finished.outputs)):
         by_step.setdefault(step.index, []).extend(scored)

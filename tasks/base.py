@@ -10,14 +10,15 @@ which the runner, the resumer and the rescorer all pass the same way.
 """
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from core.predictions import prediction_row
-from core.types import Answer, Knowledge, Probe, ProbeSet, Step, TargetScore
+from core.types import Answer, KBenchError, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa, retrieval
 
 
@@ -62,6 +63,23 @@ class Task(ABC):
 
     name: str = "task"
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse, when the class is defined, a task written to the guide before `score` became
+        `process_results` and scoring got the earlier results: such a class would be scored by the base
+        class's QA default, or fail mid-run. Raises KBenchError naming what to implement."""
+        super().__init_subclass__(**kwargs)
+        guide = "(docs/adding_a_task.md)"
+        if "score" in cls.__dict__:
+            raise KBenchError(f"{cls.__qualname__} defines score(probe_set, outputs); a task computes its per-probe "
+                              "metrics in process_results(probe_set, outputs, earlier) now, `earlier` being the "
+                              f"results of the run's earlier steps {guide}: rename it and accept `earlier`")
+        for name, arguments in (("process_results", "probe_set, outputs, earlier"), ("step_metrics", "results, earlier"),
+                                ("metric_protocols", "results")):
+            method = cls.__dict__.get(name)
+            if method is not None and not _accepts(method, arguments.count(",") + 1):
+                raise KBenchError(f"{cls.__qualname__}.{name} must accept ({arguments}): the runner passes them "
+                                  f"{guide}")
+
     @abstractmethod
     def steps(self) -> Sequence[Step]:
         """The injection steps, in order."""
@@ -71,7 +89,7 @@ class Task(ABC):
         any injection (e.g. RECIPE's prompt encoder). Default: none."""
         return []
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per-probe metrics of one probe set's outputs (aligned with `probe_set.probes`). `earlier`: every
         result of the run's earlier steps, where a metric comparing with a reference (scored at an earlier
@@ -119,3 +137,11 @@ class Task(ABC):
     def describe(self) -> dict[str, Any]:
         """Facts about the data actually used (counts, filters), carried into the record."""
         return {}
+
+
+def _accepts(method: Callable[..., Any], n: int) -> bool:
+    """Whether `method` (a function defined on a class) takes `n` positional arguments after `self`."""
+    parameters = list(inspect.signature(method).parameters.values())[1:]
+    if any(p.kind is p.VAR_POSITIONAL for p in parameters):
+        return True
+    return len([p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) >= n

@@ -196,7 +196,7 @@ class CRSTask(Task):
             golds += ranking.score_turn(ranked, result.probe.answers, seen, self.ks)
         return golds
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per turn: each metric averaged over the turn's gold items, the number of gold items, and
         how many list items were parsed (`list_items`) and lie within `oov_threshold` edits."""

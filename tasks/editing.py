@@ -17,7 +17,7 @@ The contract with methods (RECIPE and MEMOIR rely on it) — each edit is one `K
 Protocols (every metric name starts with its protocol, see `metric_protocols`):
 - step 0 (`pre_edit`): before any edit, the locality prompts are scored teacher-forced on their answers;
   their argmax tokens are the pre-edit reference locality compares with (read from the earlier results
-  passed to `score`, no state kept).
+  passed to `process_results`, no state kept).
 - `sequential` (default): T edits are injected one per step without reset; after the last one every
   edit is scored once (`after_all/...`: the WISE / retention protocol; EasyEdit's `sequential_edit`
   flag has meant different things over time, so kbench names the protocol in each metric).
@@ -241,7 +241,7 @@ class EditingTask(Task):
         return steps
 
     # ------------------------------------------------------------------ scoring
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per-probe metrics by the set's kind (`EditProbe`); locality compares with the pre-edit pass's
         argmax tokens, read from `earlier` (KBenchError when the pre-edit step is not among them)."""

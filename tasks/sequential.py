@@ -149,11 +149,11 @@ class SequentialTask(Task):
         return self.source.training_knowledge()
 
     # ------------------------------------------------------------------ scoring
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         if self.side_effects.owns(probe_set):
-            return self.side_effects.score(probe_set, outputs, earlier)
-        rows = super().score(probe_set, outputs, earlier)
+            return self.side_effects.process_results(probe_set, outputs, earlier)
+        rows = super().process_results(probe_set, outputs, earlier)
         if not self.n_updates:
             return rows
         return [row | (self.side_effects.conflict_scores(probe, out) if probe.meta["injections"] > probe.meta["position"]

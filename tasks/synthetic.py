@@ -75,11 +75,11 @@ class SyntheticTask(ContextQATask):
     def steps(self) -> list[Step]:
         return self.side_effects.extend_steps(super().steps(), self.items)
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         if self.side_effects.owns(probe_set):
-            return self.side_effects.score(probe_set, outputs, earlier)
-        return super().score(probe_set, outputs, earlier)
+            return self.side_effects.process_results(probe_set, outputs, earlier)
+        return super().process_results(probe_set, outputs, earlier)
 
     def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
         own, side = self.side_effects.split(results)

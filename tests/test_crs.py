@@ -186,7 +186,7 @@ def test_bad_knobs_are_clear_errors(mini_dataset, knobs, message):
 def results_for(task: CRSTask, texts: dict[str, str]) -> list[ProbeResult]:
     probe_set = task.steps()[0].probe_sets[0]
     outputs = [Answer(texts.get(p.query.id, "")) for p in probe_set.probes]
-    scores = task.score(probe_set, outputs)
+    scores = task.process_results(probe_set, outputs)
     return [ProbeResult(0, probe_set.name, p, o, s) for p, o, s in zip(probe_set.probes, outputs, scores)]
 
 
@@ -257,7 +257,7 @@ def test_scores_survive_a_round_trip_through_predictions_rows(mini_dataset):
     rows = [json.loads(json.dumps(r.to_row())) for r in results]
     fresh = mini_task(mini_dataset, knowledge_source="none", answer_prefix="ignored: the probe carries it")
     rebuilt = [Probe(Query(row["probe_id"], row["prompt"]), tuple(row["gold"]), meta=row["probe_meta"]) for row in rows]
-    scores = fresh.score(ProbeSet("crs", rebuilt, scorer="ranking"), [Answer(row["prediction"]) for row in rows])
+    scores = fresh.process_results(ProbeSet("crs", rebuilt, scorer="ranking"), [Answer(row["prediction"]) for row in rows])
     assert scores == [r.metrics for r in results]
 
 

@@ -136,7 +136,7 @@ def test_locality_compares_post_edit_with_pre_edit_argmax_tokens(tmp_path):
     steps = task.steps()
     final = {s.name: s for s in steps[-1].probe_sets}
     with pytest.raises(KBenchError, match="pre-edit step must run first"):
-        task.score(final["after_all/locality"], _fake_outputs(final["after_all/locality"], lambda p: (5, 6, 7)))
+        task.process_results(final["after_all/locality"], _fake_outputs(final["after_all/locality"], lambda p: (5, 6, 7)))
     pre = steps[0].probe_sets[0]
     assert pre.name == PRE_EDIT and all(p.query.context == "" for p in pre.probes)
     pre_results = score_probe_set(task, 0, pre, _fake_outputs(pre, lambda p: (5, 6, 7), accuracy=1 / 3))
@@ -144,14 +144,14 @@ def test_locality_compares_post_edit_with_pre_edit_argmax_tokens(tmp_path):
     post = _fake_outputs(final["after_all/locality"], lambda p: (5, 0, 7) if p.knowledge_id == "cf-0" else (5, 6, 7))
     # no state: the reference is read from the earlier results passed in, every time
     for _ in range(2):
-        assert [s["after_all/locality"] for s in task.score(final["after_all/locality"], post, pre_results)] == [2 / 3, 1.0]
+        assert [s["after_all/locality"] for s in task.process_results(final["after_all/locality"], post, pre_results)] == [2 / 3, 1.0]
     with pytest.raises(KBenchError, match="pre-edit step must run first"):
-        task.score(final["after_all/locality"], post)
+        task.process_results(final["after_all/locality"], post)
     with pytest.raises(KBenchError, match="returned no predicted_ids"):
-        task.score(final["after_all/locality"], [TargetScore(-1.0, 3, 1.0)] * 2, pre_results)
+        task.process_results(final["after_all/locality"], [TargetScore(-1.0, 3, 1.0)] * 2, pre_results)
     with pytest.raises(KBenchError, match="returned no predicted_ids"):
-        task.score(pre, [TargetScore(-1.0, 3, 1.0)] * 2)
-    scored = task.score(final["after_all/reliability_gen"], [Answer("English"), Answer("the piano player")])
+        task.process_results(pre, [TargetScore(-1.0, 3, 1.0)] * 2)
+    scored = task.process_results(final["after_all/reliability_gen"], [Answer("English"), Answer("the piano player")])
     # "the piano player" -> "piano player": precision 1/2, recall 1 -> F1 2/3
     assert scored == [{"after_all/reliability_em": 1.0, "after_all/reliability_f1": 1.0},
                       {"after_all/reliability_em": 0.0, "after_all/reliability_f1": pytest.approx(2 / 3)}]

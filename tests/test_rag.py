@@ -313,7 +313,7 @@ def test_task_reports_retrieval_recall_only_for_retrieval_methods(tiny_lm):
     assert "retrieval_recall@1" not in task.metric_protocols(plain)
     method.reset()
     empty = method.answer([p.query for p in probe_set.probes[:2]], SPEC)
-    assert [r["retrieval_recall@1"] for r in task.score(
+    assert [r["retrieval_recall@1"] for r in task.process_results(
         type(probe_set)(name="qa", probes=probe_set.probes[:2]), empty)] == [0.0, 0.0]
 
 

@@ -41,7 +41,7 @@ class SideEffectProbes:
     """The side-effect families a task switched on: their probe sets, their scoring and aggregates.
 
     The task keeps calling its own logic for `qa` and hands this object the rest: `extend_steps` adds
-    the reference step and the per-step probe sets, `owns` / `score` handle those probe sets,
+    the reference step and the per-step probe sets, `owns` / `process_results` handle those probe sets,
     `split` separates their results from the task's, `step_metrics` / `summarize` aggregate them.
     Scoring keeps no state: the references before injection are read from the earlier results passed
     in (`tasks.base`), so offline rescoring and resumed runs need no replay in order.
@@ -147,7 +147,7 @@ class SideEffectProbes:
     def owns(probe_set: ProbeSet) -> bool:
         return probe_set.scorer in KINDS
 
-    def score(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
+    def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per-probe metrics of a side-effect probe set, by its kind (`ProbeSet.scorer`). Drift's
         agreement compares with the answers of the reference step, read from `earlier` (DataError when
