@@ -48,7 +48,7 @@ def main() -> None:
             with_context.append((lm.prompt_ids(prompt, context=item.context), target))
             without_context.append((lm.prompt_ids(prompt), target))
             prompts.append(prompt)
-    teacher, student = lm.score(with_context), lm.score(without_context)
+    teacher, student = lm.loglikelihood(with_context), lm.loglikelihood(without_context)
 
     def per_token(scores) -> float:
         return statistics.fmean(math.exp(s.logprob / s.n_tokens) for s in scores)

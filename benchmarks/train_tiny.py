@@ -61,7 +61,7 @@ def measure(lm, data_seed: int = 0, n_contexts: int = 6) -> dict[str, float]:
                 context = item.knowledge.context if with_context else None
                 prompts.append(lm.prompt_ids(f"Question: {question}\nAnswer:", context=context))
                 golds.append(answers)
-        outputs = lm.generate(prompts, spec)
+        outputs = lm.generate_until(prompts, spec)
         scores = [qa_scores(output, gold) for output, gold in zip(outputs, golds)]
         for metric in ("qa_f1", "exact_match"):
             result[f"{name}/{metric}"] = round(sum(s[metric] for s in scores) / len(scores), 3)

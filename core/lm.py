@@ -349,10 +349,11 @@ class LM:
 
     # ------------------------------------------------------------------ inference
     @torch.inference_mode()
-    def score(
+    def loglikelihood(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], row_state: RowState | None = None
     ) -> list[TargetScore]:
-        """Teacher-forced log-probability and greedy token accuracy of each target given its prefix.
+        """Teacher-forced log-probability and greedy token accuracy of each target given its prefix
+        (lm-evaluation-harness's `loglikelihood`).
         `row_state(rows)` (optional) is entered around each batch's forward with that batch's row indices."""
         row_state = row_state or _no_row_state
         results: list[TargetScore] = []
@@ -373,11 +374,12 @@ class LM:
         )
 
     @torch.inference_mode()
-    def generate(
+    def generate_until(
         self, prompts: Sequence[Sequence[int]], spec: GenerationSpec, row_state: RowState | None = None
     ) -> list[str]:
-        """Greedy continuations of tokenised prompts, cut at the first stop string and stripped.
-        `row_state(rows)` (optional) is entered around each batch's whole `generate` call (prefill and
+        """Greedy continuations of tokenised prompts, cut at the first stop string and stripped
+        (lm-evaluation-harness's `generate_until`).
+        `row_state(rows)` (optional) is entered around each batch's whole `model.generate` call (prefill and
         every decoding step) with the indices of that batch's prompts, in batch row order."""
         row_state = row_state or _no_row_state
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths share a batch
@@ -502,10 +504,10 @@ class LM:
         return self._head(hidden, batch.predicted_mask)  # the mask goes to the hidden state's device there
 
     @torch.inference_mode()
-    def score_with_vectors(
+    def loglikelihood_with_vectors(
         self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], vectors: Sequence[torch.Tensor]
     ) -> list[TargetScore]:
-        """`score` with `vectors[i]` spliced into row i after its start token."""
+        """`loglikelihood` with `vectors[i]` spliced into row i after its start token."""
         results: list[TargetScore] = []
         rows = list(zip(pairs, vectors))
         for chunk in self.batches(rows, desc="score"):
@@ -515,10 +517,10 @@ class LM:
         return results
 
     @torch.inference_mode()
-    def generate_with_vectors(
+    def generate_until_with_vectors(
         self, prompts: Sequence[Sequence[int]], vectors: Sequence[torch.Tensor], spec: GenerationSpec
     ) -> list[str]:
-        """`generate` with `vectors[i]` spliced into prompt i after its start token (left-padded batches)."""
+        """`generate_until` with `vectors[i]` spliced into prompt i after its start token (left-padded batches)."""
         if len(prompts) != len(vectors):
             raise ValueError(f"{len(prompts)} prompts but {len(vectors)} vector tensors")
         rows = [self._splice(p, v, keep_last=1) for p, v in zip(prompts, vectors)]
@@ -529,7 +531,7 @@ class LM:
             width = max(len(rows[i]) for i in chunk)
             embeds = rows[chunk[0]].new_zeros((len(chunk), width, rows[chunk[0]].shape[1]))
             attention = torch.zeros((len(chunk), width), dtype=torch.long, device=self.device)
-            for r, index in enumerate(chunk):  # left padding, as in `generate`
+            for r, index in enumerate(chunk):  # left padding, as in `generate_until`
                 embeds[r, width - len(rows[index]) :] = rows[index]
                 attention[r, width - len(rows[index]) :] = 1
             generated = self.model.generate(
@@ -539,7 +541,7 @@ class LM:
                 raise KBenchError(
                     f"generate(inputs_embeds=...) returned {generated.shape[1]} tokens for max_new_tokens="
                     f"{config.max_new_tokens}: this transformers release returns the prompt too; core/lm.py "
-                    "generate_with_vectors must cut it"
+                    "generate_until_with_vectors must cut it"
                 )
             for r, index in enumerate(chunk):
                 outputs[index] = cut_at_stop(self.decode(generated[r].tolist()), spec.stop)

@@ -138,7 +138,7 @@ class ProbeSet:
 
     `output_type` is the explicit choice between generating an answer and scoring a target
     continuation by log-likelihood (teacher forcing); `loglikelihood_bare` scores it through the model
-    as served without the method's prompt augmentation (`Method.score_bare`: no retrieved passages, no
+    as served without the method's prompt augmentation (`Method.loglikelihood_unaugmented`: no retrieved passages, no
     gold context). `scorer` is the task's name for its metric family.
     """
 

@@ -1,11 +1,11 @@
 """The method interface, and the two reference methods: `base` (no context) and `context` (upper bound).
 
-A method gets knowledge through `inject`, answers queries (`answer`: generation; `score`:
+A method gets knowledge through `inject`, answers queries (`answer`: generation; `loglikelihood`:
 teacher-forced log-likelihood of a target), can be `reset` to the untouched model, and reports the
 storage it needs beside the base model. Built by Hydra from `conf/method/<name>.yaml` with the
 shared `LM` passed in at run time.
 
-`score_bare` scores a target through the model *as served* (the weights with whatever adapters or
+`loglikelihood_unaugmented` scores a target through the model *as served* (the weights with whatever adapters or
 edits injection put into them) but without the method's prompt augmentation: no retrieved passages,
 no gold context, no continuous prompt. Probe sets with `output_type="loglikelihood_bare"` use it (the
 drift probes of docs/side_effects.md: perplexity of generic text), so a method that leaves the weights
@@ -54,10 +54,26 @@ def edit_pairs(item: Knowledge, answer_marker: str, method: str) -> list[tuple[s
     return pairs
 
 
+#: methods of the earlier interface -> their names now (lm-evaluation-harness's words; docs/adding_a_method.md)
+RENAMED = {"score": "loglikelihood", "score_bare": "loglikelihood_unaugmented"}
+
+
 class Method:
     """Base class of every method plugin. Subclasses override what their idea changes."""
 
     name = "method"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Refuse a subclass written to the earlier interface: its `score` would never be called (the runner
+        calls `loglikelihood`), so its log-likelihood probes would silently measure the untouched model.
+        Raises KBenchError naming the method to implement instead."""
+        super().__init_subclass__(**kwargs)
+        for old, new in RENAMED.items():
+            if old in vars(cls):
+                raise KBenchError(
+                    f"{cls.__module__}.{cls.__qualname__} defines `{old}`, which kbench no longer calls: rename it "
+                    f"to `{new}` (same arguments and return value; docs/adding_a_method.md)"
+                )
 
     #: knob -> its value in the method's reference implementation (the paper's code). Every knob set
     #: otherwise is a deviation: `reference_deviations` lists it and the runner appends it to every
@@ -88,18 +104,18 @@ class Method:
         return self.lm.prompt_ids(query.prompt)
 
     def answer(self, queries: Sequence[Query], generation: GenerationSpec) -> list[Answer]:
-        texts = self.lm.generate([self.prompt_ids(q) for q in queries], generation)
+        texts = self.lm.generate_until([self.prompt_ids(q) for q in queries], generation)
         return [Answer(text) for text in texts]
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         """Log-probability and token accuracy of each target continuation (e.g. " Paris") of its query."""
-        return self.lm.score([(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)])
+        return self.lm.loglikelihood([(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)])
 
-    def score_bare(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
-        """Like `score`, through the model as served but without the method's prompt augmentation (module
+    def loglikelihood_unaugmented(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+        """Like `loglikelihood`, through the model as served but without the method's prompt augmentation (module
         docstring): start tokens + `query.prompt` + target, or start tokens + target for an empty prompt
         (plain text, also for chat models). `Query.context` is ignored."""
-        return self.lm.score([
+        return self.lm.loglikelihood([
             (self.lm.prompt_ids(q.prompt) if q.prompt else list(self.lm.start_ids), self.lm.encode(t))
             for q, t in zip(queries, targets)
         ])

@@ -17,7 +17,7 @@ token:
   entry nearest to h_e (new, or n) is trained, all else frozen: Adam (`lr`) for `iterations` steps on
   −log p(target | prompt) with the value in place. A new value starts uniform in [0, 1) (`value_init=cold`)
   or as f's own output at the key token (`warm`).
-- Inference (`answer`, `score`): each query is routed once, on its prompt, before its forward pass; inside
+- Inference (`answer`, `loglikelihood`): each query is routed once, on its prompt, before its forward pass; inside
   the radius the value replaces f's output at the key token (`replacement=last`; `prompt`: at the tokens
   before it; `all`: at every position, generated tokens included). Outside the radius the hook returns
   nothing and the logits are exactly the base model's.
@@ -307,17 +307,17 @@ class GraceMethod(Method):
         room = self.lm.max_length - generation.max_new_tokens
         lengths = [min(len(p), room) for p in prompts]
         last_column = lambda rows: [max(lengths[i] for i in rows) - 1] * len(rows)  # noqa: E731
-        texts = self.lm.generate(prompts, generation, row_state=self._row_state(decisions, last_column))
+        texts = self.lm.generate_until(prompts, generation, row_state=self._row_state(decisions, last_column))
         # the edits the entry serves (several when they share its label), in the order they were made
         return [Answer(text, meta={RETRIEVED_KNOWLEDGE_IDS: [] if entry is None else list(self.edit_ids[entry]),
                                    "grace_entry": entry, "distance": round(d, 4) if math.isfinite(d) else None})
                 for text, (entry, d) in zip(texts, decisions)]
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         decisions = self.route(queries)
         pairs = [(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)]
         # scoring batches are right-padded: the key token is at the prompt's own last position
-        return self.lm.score(pairs, row_state=self._row_state(decisions, lambda rows: [len(pairs[i][0]) - 1 for i in rows]))
+        return self.lm.loglikelihood(pairs, row_state=self._row_state(decisions, lambda rows: [len(pairs[i][0]) - 1 for i in rows]))
 
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:

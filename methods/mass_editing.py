@@ -490,13 +490,13 @@ class MassEditor(Method):
         self.flush()
         return super().answer(queries, generation)
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         self.flush()
-        return super().score(queries, targets)
+        return super().loglikelihood(queries, targets)
 
-    def score_bare(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood_unaugmented(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         self.flush()
-        return super().score_bare(queries, targets)
+        return super().loglikelihood_unaugmented(queries, targets)
 
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:

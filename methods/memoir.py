@@ -28,7 +28,7 @@ and π a fixed, seeded random permutation of the D columns (the reference's TopH
   `stop_flat`). Columns shared with earlier edits continue from their values (the reference's overwrite).
   Only the layers from the memory's up are replayed in each iteration (nothing below depends on W_mem;
   checked against the full forward on the first edit).
-- Inference (`answer`, `score`): the query's mask m_q is compared with every stored mask,
+- Inference (`answer`, `loglikelihood`): the query's mask m_q is compared with every stored mask,
   overlap_e = |m_q ∩ m_e| / k. If the best overlap ≥ `threshold`, that edit's stored mask is applied at
   every position of the sequence (prompt and generated tokens); otherwise the memory is off and the
   layer's output is exactly W x (locality). Each query is routed on its own, once, before its forward
@@ -113,7 +113,7 @@ class _ResidualMemory:
 
     Two modes: training (one edit's columns with a trainable copy of them), and routed inference: inside `rows(masks)`, row b of every
     forward pass gets mask `masks[b]` (all-False = memory off). The LM wrapper enters `rows` around each
-    batch with that batch's rows (`LM.generate` / `LM.score`'s `row_state`), so the masks are decided
+    batch with that batch's rows (`LM.generate_until` / `LM.loglikelihood`'s `row_state`), so the masks are decided
     once per prompt, before the forward, and a decoding step keeps its row's mask by construction; the
     hook reads nothing of how `generate` calls the model. Outside these modes the hook adds nothing.
     """
@@ -555,22 +555,22 @@ class MemoirMethod(Method):
 
     # ------------------------------------------------------------------ inference
     def _row_state(self, decisions: Sequence[tuple[int | None, float]]):
-        """`LM.generate` / `LM.score`'s per-batch hook: the rows' stored masks (None: memory off)."""
+        """`LM.generate_until` / `LM.loglikelihood`'s per-batch hook: the rows' stored masks (None: memory off)."""
         masks = [None if edit is None else self.masks[edit] for edit, _ in decisions]
         return lambda rows: self.memory.rows([masks[i] for i in rows])
 
     def answer(self, queries: Sequence[Query], generation: GenerationSpec) -> list[Answer]:
         decisions = self.route(queries)
-        texts = self.lm.generate([self.prompt_ids(q) for q in queries], generation, row_state=self._row_state(decisions))
+        texts = self.lm.generate_until([self.prompt_ids(q) for q in queries], generation, row_state=self._row_state(decisions))
         return [
             Answer(text, meta={RETRIEVED_KNOWLEDGE_IDS: [] if edit is None else [self.edit_ids[edit]], "overlap": round(overlap, 4)})
             for text, (edit, overlap) in zip(texts, decisions)
         ]
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         decisions = self.route(queries)
         pairs = [(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)]
-        return self.lm.score(pairs, row_state=self._row_state(decisions))
+        return self.lm.loglikelihood(pairs, row_state=self._row_state(decisions))
 
     # ------------------------------------------------------------------ bookkeeping
     def reset(self) -> None:

@@ -5,14 +5,14 @@ LM's own tokenizer (neighbours share `chunk_overlap` tokens; a context that fits
 adds them to a store. For a question q the `top_k` passages with the highest retrieval score s(q, p)
 are put in front of the prompt through the model's context template, best first:
 
-    answer = LM.generate(prompt_ids(q, context = sep.join(template(p_1), ..., template(p_k))))
+    answer = LM.generate_until(prompt_ids(q, context = sep.join(template(p_1), ..., template(p_k))))
 
 - `rag_bm25`: s = BM25Okapi(q, p) over lowercase word tokens without stop words.
 - `rag_dense`: s = <E_q(q), E_p(p)>, the inner product of (by default unit-length) embeddings from a
   sentence encoder (embedded MiniLM-L6 by default, any sentence-transformers folder) or from DPR's
   question / context encoders, searched with faiss (exact `flat` by default, or `hnsw` / `ivf`).
 
-The retrieval query is the task's formatted prompt (`Query.prompt`); `score` (log-likelihood probes)
+The retrieval query is the task's formatted prompt (`Query.prompt`); `loglikelihood` (log-likelihood probes)
 retrieves the same way. Each answer's meta lists the retrieved passage ids, their knowledge ids and
 scores (predictions.jsonl `method_meta`), from which the task reports `retrieval_recall@1`. With an
 empty store the model answers without passages, and `info()` counts how often that happened.
@@ -175,13 +175,13 @@ class RagMethod(Method):
     def answer(self, queries: Sequence[Query], generation: GenerationSpec) -> list[Answer]:
         hits = self.retrieve(queries)
         prompts = [self.lm.prompt_ids(q.prompt, context=self.context_of(h)) for q, h in zip(queries, hits)]
-        texts = self.lm.generate(prompts, generation)
+        texts = self.lm.generate_until(prompts, generation)
         return [Answer(text, meta=self.meta_of(h)) for text, h in zip(texts, hits)]
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         hits = self.retrieve(queries)
         prompts = [self.lm.prompt_ids(q.prompt, context=self.context_of(h)) for q, h in zip(queries, hits)]
-        return self.lm.score([(p, self.lm.encode(t)) for p, t in zip(prompts, targets)])
+        return self.lm.loglikelihood([(p, self.lm.encode(t)) for p, t in zip(prompts, targets)])
 
     # ------------------------------------------------------------------ accounting
     def extra_storage_bytes(self) -> int:

@@ -116,7 +116,7 @@ class _CachedGenerator(SentenceSource):
         """The pairs whose answer the model under test, reading `context`, finds probable enough."""
         if not self.min_answer_prob or not pairs:
             return pairs
-        scores = lm.score([(lm.prompt_ids(f"Question: {q}\nAnswer:", context=context), lm.encode(" " + a))
+        scores = lm.loglikelihood([(lm.prompt_ids(f"Question: {q}\nAnswer:", context=context), lm.encode(" " + a))
                            for q, a in pairs])
         floor = math.log(self.min_answer_prob)
         return [pair for pair, score in zip(pairs, scores) if score.logprob / max(score.n_tokens, 1) >= floor]
@@ -217,7 +217,7 @@ class LocalGenerator(_CachedGenerator):
             prompt_ids, self.samples, self.question_spec, self.temperature, self.top_p, seed=self.seed + attempt
         )
         questions = list(dict.fromkeys(q for q in samples if len(q) > 3))
-        answers = generator.generate(
+        answers = generator.generate_until(
             [prompt_ids + generator.encode(f" {q}\nAnswer:") for q in questions], self.answer_spec
         )
         return [(q, a) for q, a in zip(questions, answers) if a]

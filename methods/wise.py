@@ -24,7 +24,7 @@ For a query with projection inputs x_t (t over its prompt's tokens) and σ the m
   new random mask; every `merge_freq` edits the last merge_freq / save_freq shards are merged into one
   memory by TIES (task vectors W_k − W, top-`densities` by magnitude, sign election by sum, weighted
   mean of the agreeing entries, weights `merge_weight` / n), whose threshold is the least of theirs.
-- Inference (`answer`, `score`): each query is routed once, before its forward pass, on what the forward
+- Inference (`answer`, `loglikelihood`): each query is routed once, before its forward pass, on what the forward
   reads (`routing=sequence`, the reference: prompt + target under teacher forcing, the prompt when
   generating; `prompt`: the prompt alone for both): the current W' is used when Δ ≥ its threshold, a
   stored memory when its Δ exceeds both that and its own threshold; otherwise the main memory, and the
@@ -210,7 +210,7 @@ class WiseMethod(Method):
         spec = lambda n: GenerationSpec(max_new_tokens=n, stop=())  # noqa: E731
         templates = ["{}"]
         for length in self.template_lengths:
-            texts = self.lm.generate([self.lm.prompt_ids(s) for s in TEMPLATE_STARTS], spec(length))
+            texts = self.lm.generate_until([self.lm.prompt_ids(s) for s in TEMPLATE_STARTS], spec(length))
             templates += [(start.rstrip() + " " + text.replace("{", " ").replace("}", " ")).strip() + " {}"
                           for start, text in zip(TEMPLATE_STARTS, texts)]
         self.templates = templates
@@ -262,16 +262,16 @@ class WiseMethod(Method):
     def answer(self, queries: Sequence[Query], generation: GenerationSpec) -> list[Answer]:
         prompts = [self.prompt_ids(q) for q in queries]
         decisions = self.route(prompts)  # the prompt is all there is before decoding (the reference's prefill)
-        texts = self.lm.generate(prompts, generation, row_state=self._row_state(decisions))
+        texts = self.lm.generate_until(prompts, generation, row_state=self._row_state(decisions))
         names = {None: "main", -1: "side"}
         return [Answer(t, meta={"wise_memory": names.get(d, d)}) for t, d in zip(texts, decisions)]
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         pairs = [(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)]
         # routing = "sequence": on what the teacher-forced forward reads, prompt + target (the reference's
         # evaluation); "prompt": on the prompt alone, as a generated answer is routed
         decisions = self.route([p + t if self.routing == "sequence" else p for p, t in pairs])
-        return self.lm.score(pairs, row_state=self._row_state(decisions))
+        return self.lm.loglikelihood(pairs, row_state=self._row_state(decisions))
 
     # ------------------------------------------------------------------ editing
     def inject(self, knowledge: Sequence[Knowledge]) -> None:

@@ -58,8 +58,8 @@ def probe(method: Method, probe_set: ProbeSet) -> list[Answer] | list[TargetScor
         raise ValueError(f"probe set {probe_set.name!r}: log-likelihood probes need a target in `answers`")
     targets = [p.answers[0] for p in probe_set.probes]
     if probe_set.output_type == "loglikelihood_bare":
-        return method.score_bare(queries, targets)
-    return method.score(queries, targets)
+        return method.loglikelihood_unaugmented(queries, targets)
+    return method.loglikelihood(queries, targets)
 
 
 class Experiment:

@@ -355,12 +355,12 @@ def part_c(out: Path, device: str, dry_run: bool, encoder: str) -> dict:
             new_tokens = 8 if dry_run else 64
             spec = GenerationSpec(max_new_tokens=new_tokens, stop=())
             prompts = [lm.start_ids + lm.encode(s.split("\n")[0] + " Answer:") for s in sentences(32)]
-            lm.generate(prompts[:2], GenerationSpec(max_new_tokens=2, stop=()))  # warm-up
+            lm.generate_until(prompts[:2], GenerationSpec(max_new_tokens=2, stop=()))  # warm-up
             for rows in (1, 32):
                 lm.batch_size = rows
                 with peak_memory(device, entry, f"generate_b{rows}_peak_gib"):
                     with clock():
-                        lm.generate(prompts[:rows], spec)
+                        lm.generate_until(prompts[:rows], spec)
                 entry[f"generate_b{rows}_tokens_per_s"] = round(rows * new_tokens / clock.seconds, 1)
             entry["generate_b32_over_b1"] = round(entry["generate_b32_tokens_per_s"] / entry["generate_b1_tokens_per_s"], 2)
             lm.batch_size = 32

@@ -40,7 +40,7 @@ from core.types import (
     Answer, DataError, EditSpec, GenerationSpec, KBenchError, Knowledge, NonEmptyStr, NonNegativeInt, PositiveInt, Probe, ProbeSet,
     Query, Step, TargetScore,
 )
-from metrics import editing as metrics
+from metrics import editing as editing_metrics
 from tasks.base import MetricSample, ProbeResult, Task
 from tasks.edit_data import Edit, generate_synthetic_edits, load_counterfact, load_zsre
 
@@ -254,7 +254,7 @@ class EditingTask(Task):
         pairs = list(zip(probe_set.probes, outputs))
         if kind is EditProbe.PRE_EDIT:
             for probe, output in pairs:
-                metrics.argmax_ids(output, probe.query.id)  # refused now, not when locality compares with it
+                editing_metrics.argmax_ids(output, probe.query.id)  # refused now, not when locality compares with it
             return [{"pre_edit/locality_answer_tf": output.token_accuracy} for output in outputs]
         if kind is EditProbe.LOCALITY:
             pre_edit = {r.probe.query.id: r.output for r in earlier if r.probe_set == PRE_EDIT}
@@ -263,15 +263,16 @@ class EditingTask(Task):
             for probe, output in pairs:
                 if probe.query.id not in pre_edit:
                     raise KBenchError(f"no pre-edit reference for {probe.query.id!r}: the pre-edit step must run first")
-                value = metrics.locality_agreement(metrics.argmax_ids(pre_edit[probe.query.id], probe.query.id),
-                                                   metrics.argmax_ids(output, probe.query.id))
+                value = editing_metrics.locality_agreement(
+                    editing_metrics.argmax_ids(pre_edit[probe.query.id], probe.query.id),
+                    editing_metrics.argmax_ids(output, probe.query.id))
                 per_kind = {f"{prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
                 scores.append({f"{prefix}/locality": value} | per_kind)
             return scores
         if kind in (EditProbe.RELIABILITY_TF, EditProbe.GENERALITY_TF):
             return [{f"{prefix}/{measure}": output.token_accuracy} for output in outputs]
         name = f"{prefix}/{measure.removesuffix('_gen')}"  # reliability_gen / generality_gen
-        return [{f"{name}_{k}": v for k, v in metrics.generated_scores(output.text, probe.answers[0]).items()}
+        return [{f"{name}_{k}": v for k, v in editing_metrics.generated_scores(output.text, probe.answers[0]).items()}
                 for probe, output in pairs]
 
     @staticmethod
@@ -284,7 +285,8 @@ class EditingTask(Task):
         return by_metric
 
     def _aggregate(self, results: Sequence[ProbeResult]) -> dict[str, float]:
-        return {name: metrics.macro_average(metrics.group_by_edit(pairs)) for name, pairs in self._pairs(results).items()}
+        return {name: editing_metrics.macro_average(editing_metrics.group_by_edit(pairs))
+                for name, pairs in self._pairs(results).items()}
 
     def step_metrics(self, results: Sequence[ProbeResult], earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
         return self._aggregate(results)
@@ -299,7 +301,7 @@ class EditingTask(Task):
         """The unit is the edit with all its probes: each metric's per-edit means (the macro average's terms)."""
         samples: dict[str, MetricSample] = {}
         for name, pairs in self._pairs(_final(results)).items():
-            grouped = metrics.group_by_edit(pairs)
+            grouped = editing_metrics.group_by_edit(pairs)
             samples[name] = MetricSample([sum(v) / len(v) for v in grouped.values()], list(grouped), "edit")
         return samples
 

@@ -118,16 +118,16 @@ def test_load_lm_applies_the_dtype_policy(tmp_path):
         assert tf32_enabled()
     WeightUpdate(lm, **LORA).begin()
     assert {p.dtype for n, p in lm.model.named_parameters() if "lora_" in n} == {torch.float32}
-    assert len(lm.score(PAIRS)) == 3 and len(lm.generate(PROMPTS, SPEC)) == 3
+    assert len(lm.loglikelihood(PAIRS)) == 3 and len(lm.generate_until(PROMPTS, SPEC)) == 3
 
 
 def test_scoring_training_and_generation_on_the_gpu_match_the_cpu(tiny_lm_factory):
     from methods.finetune import FineTuneContext
 
     cpu, gpu = tiny_lm_factory(), tiny_lm_factory(device=DEV)
-    for a, b in zip(gpu.score(PAIRS), cpu.score(PAIRS)):
+    for a, b in zip(gpu.loglikelihood(PAIRS), cpu.loglikelihood(PAIRS)):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
-    assert _agree(gpu.generate(PROMPTS, SPEC), cpu.generate(PROMPTS, SPEC))
+    assert _agree(gpu.generate_until(PROMPTS, SPEC), cpu.generate_until(PROMPTS, SPEC))
     item = Knowledge(id="k", context="The town of Velmora was founded in 1742 by Ada Quill.")
     losses = []
     for lm in (cpu, gpu):
@@ -146,7 +146,7 @@ def test_a_model_split_by_hand_matches_the_unsplit_one(tmp_path, head_device):
     whole = load_lm(str(folder), dtype="float32", device="cpu")
     split = split_by_hand(load_lm(str(folder), dtype="float32", device="cpu"), head_device)
     assert split.device.type == DEV  # inputs go where the embeddings are
-    for a, b in zip(split.score(PAIRS), whole.score(PAIRS)):
+    for a, b in zip(split.loglikelihood(PAIRS), whole.loglikelihood(PAIRS)):
         assert a.logprob == pytest.approx(b.logprob, abs=1e-3)
         assert a.predicted_ids == b.predicted_ids
     item = Knowledge(id="k", context="The town of Velmora was founded in 1742 by Ada Quill.")
@@ -157,7 +157,7 @@ def test_a_model_split_by_hand_matches_the_unsplit_one(tmp_path, head_device):
         losses.append(method.losses)
     assert losses[1] == pytest.approx(losses[0], rel=1e-3, abs=1e-3)
     _inputs_follow(split.causal_lm.lm_head, head_device)  # HF's own forward (generate) needs the hook there
-    assert _agree(split.generate(PROMPTS, SPEC), whole.generate(PROMPTS, SPEC))
+    assert _agree(split.generate_until(PROMPTS, SPEC), whole.generate_until(PROMPTS, SPEC))
 
 
 def test_a_model_split_with_device_map_matches_within_bf16_tolerance(tmp_path):
@@ -174,9 +174,9 @@ def test_a_model_split_with_device_map_matches_within_bf16_tolerance(tmp_path):
     split = LM(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device_map),
                tokenizer, name="split")
     whole = LM(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(DEV), tokenizer, name="whole")
-    for a, b in zip(split.score(PAIRS), whole.score(PAIRS)):
+    for a, b in zip(split.loglikelihood(PAIRS), whole.loglikelihood(PAIRS)):
         assert a.logprob == pytest.approx(b.logprob, abs=0.05 * a.n_tokens)
-    assert _agree(split.generate(PROMPTS, SPEC), whole.generate(PROMPTS, SPEC))
+    assert _agree(split.generate_until(PROMPTS, SPEC), whole.generate_until(PROMPTS, SPEC))
 
 
 def test_memoir_and_selfparam_on_the_gpu(tiny_lm_factory):

@@ -145,13 +145,13 @@ PAIRS = [([1], [40, 41, 42]), ([1, 50, 51], [60, 61]), ([1, 7, 8, 9, 10], [70])]
 
 
 def test_scoring_and_collating_follow_the_input_embeddings(tiny_lm_factory):
-    reference = tiny_lm_factory().score(PAIRS)
+    reference = tiny_lm_factory().loglikelihood(PAIRS)
     lm = _meta_first(tiny_lm_factory())
     assert lm.device.type == "cpu"
     batch = lm.collate(PAIRS)
     assert {t.device.type for t in (batch.input_ids, batch.attention_mask, batch.target_ids)} == {"cpu"}
     assert batch.target_lengths == [3, 2, 1] and batch.positions.device.type == "cpu"
-    scores = lm.score(PAIRS)
+    scores = lm.loglikelihood(PAIRS)
     assert [s.n_tokens for s in scores] == [3, 2, 1]
     for got, want in zip(scores, reference):
         assert got.logprob == pytest.approx(want.logprob, abs=1e-4)
@@ -182,7 +182,7 @@ def test_generation_follows_the_input_embeddings(tiny_lm_factory):
 
     spec = GenerationSpec(max_new_tokens=4, stop=())
     prompts = [[1, 40, 41], [1, 50]]
-    assert _meta_first(tiny_lm_factory()).generate(prompts, spec) == tiny_lm_factory().generate(prompts, spec)
+    assert _meta_first(tiny_lm_factory()).generate_until(prompts, spec) == tiny_lm_factory().generate_until(prompts, spec)
 
 
 def test_memoir_features_follow_the_captured_state(tiny_lm_factory):

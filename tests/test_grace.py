@@ -26,7 +26,7 @@ def grace(lm, **knobs) -> GraceMethod:
 def test_queries_outside_every_radius_are_bit_identical_and_the_edit_is_learned(tiny_lm):
     pairs = [(q, " again") for q in UNRELATED] + [(Query(id="e", prompt=EDIT.edit.prompt), EDIT.edit.target)]
     queries, targets = [q for q, _ in pairs], [t for _, t in pairs]
-    before = GraceMethod.score(grace(tiny_lm), queries, targets)  # hook installed, empty codebook
+    before = GraceMethod.loglikelihood(grace(tiny_lm), queries, targets)  # hook installed, empty codebook
     spec = GenerationSpec(max_new_tokens=4, stop=())
     generated_before = [a.text for a in grace(tiny_lm).answer(queries, spec)]
     method = grace(tiny_lm)
@@ -34,7 +34,7 @@ def test_queries_outside_every_radius_are_bit_identical_and_the_edit_is_learned(
     decisions = method.route(queries)
     assert [entry for entry, _ in decisions] == [None, None, None, 0]
     assert all(d > method.eps for _, d in decisions[:3])  # really outside: the rule, not an accident of the hook
-    after = method.score(queries, targets)  # one batch mixing edited and unrelated rows
+    after = method.loglikelihood(queries, targets)  # one batch mixing edited and unrelated rows
     for b, a in zip(before[:3], after[:3]):
         assert a.logprob == b.logprob and a.predicted_ids == b.predicted_ids  # bit-identical
     # at the top layer the value (at the last prompt token) writes the first target token only: later target
@@ -77,12 +77,12 @@ def test_reset_restores_the_original_model(tiny_lm):
     weights = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     method = grace(tiny_lm)
     query = Query(id="q", prompt=EDIT.edit.prompt)
-    before = method.score([query], [EDIT.edit.target])[0]
+    before = method.loglikelihood([query], [EDIT.edit.target])[0]
     method.inject([EDIT])
-    assert method.score([query], [EDIT.edit.target])[0].logprob != before.logprob
+    assert method.loglikelihood([query], [EDIT.edit.target])[0].logprob != before.logprob
     method.reset()
     assert len(method.keys) == 0 and method.extra_storage_bytes() == 0
-    after = method.score([query], [EDIT.edit.target])[0]
+    after = method.loglikelihood([query], [EDIT.edit.target])[0]
     assert after.logprob == before.logprob and after.predicted_ids == before.predicted_ids
     assert all(torch.equal(v, weights[k]) for k, v in tiny_lm.model.state_dict().items())  # GRACE never writes weights
 

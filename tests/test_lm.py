@@ -52,13 +52,13 @@ def test_score_is_the_sum_of_token_logprobs(tiny_lm):
     prefix, target = tiny_lm.prompt_ids(PROMPT), tiny_lm.encode(TARGET)
     logprobs = torch.log_softmax(tiny_lm.model(torch.tensor([prefix + target])).logits[0].float(), -1)
     manual = sum(float(logprobs[len(prefix) - 1 + i, t]) for i, t in enumerate(target))
-    (score,) = tiny_lm.score([(prefix, target)])
+    (score,) = tiny_lm.loglikelihood([(prefix, target)])
     assert score.logprob == pytest.approx(manual, abs=1e-4)
     assert score.n_tokens == len(target)
 
 
 def test_tiny_model_copies_from_context(tiny_lm):
-    with_context, without = tiny_lm.score([
+    with_context, without = tiny_lm.loglikelihood([
         (tiny_lm.prompt_ids(PROMPT, context=CONTEXT), tiny_lm.encode(TARGET)),
         (tiny_lm.prompt_ids(PROMPT), tiny_lm.encode(TARGET)),
     ])
@@ -70,8 +70,8 @@ def test_batched_generation_equals_one_by_one(tiny_lm):
     prompts = [tiny_lm.prompt_ids(p, context=c) for p, c in
                [(PROMPT, CONTEXT), (" river", " river capital and more words here"), (" Quill", None)]]
     spec = GenerationSpec(max_new_tokens=6, stop=())
-    batched = tiny_lm.generate(prompts, spec)
-    assert batched == [tiny_lm.generate([p], spec)[0] for p in prompts]
+    batched = tiny_lm.generate_until(prompts, spec)
+    assert batched == [tiny_lm.generate_until([p], spec)[0] for p in prompts]
     assert batched[0].startswith("Stouveth")
 
 

@@ -94,10 +94,10 @@ def test_memit_writes_the_value_into_the_residual(tiny_lm, text_file):
     assert float((z - after).norm()) < 1e-3 * float((z - before).norm())
     query = Query(id="q", prompt=EDIT.edit.prompt)
     method.reset()
-    base = method.score([query], [" Orvane\n"])[0].logprob
+    base = method.loglikelihood([query], [" Orvane\n"])[0].logprob
     method.compute_z = lambda r: z
     method.apply([request])
-    assert method.score([query], [" Orvane\n"])[0].logprob > base  # the value optimised for the target helps it
+    assert method.loglikelihood([query], [" Orvane\n"])[0].logprob > base  # the value optimised for the target helps it
 
 
 def test_alphaedit_leaves_preserved_keys_outputs_unchanged_while_memit_does_not(tiny_lm, text_file):
@@ -188,7 +188,7 @@ def test_pending_edits_are_written_before_answering(tiny_lm, text_file):
     original = weights(method)
     method.inject([EDIT])
     assert method.pending and all(torch.equal(original[l], m.weight) for l, m in method.modules.items())
-    method.score([Query(id="q", prompt=EDIT.edit.prompt)], [" Orvane"])
+    method.loglikelihood([Query(id="q", prompt=EDIT.edit.prompt)], [" Orvane"])
     assert not method.pending and method.info()["edits_applied_at_scoring"] == 1
     assert any(not torch.equal(original[l], m.weight) for l, m in method.modules.items())
 

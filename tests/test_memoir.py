@@ -59,18 +59,18 @@ def test_memory_off_below_threshold_leaves_the_logits_exactly_unchanged(tiny_lm)
     with torch.no_grad():
         before = tiny_lm.model(ids).logits.clone()
     unrelated = Query(id="u", prompt=" The river Orvane runs north")
-    base_score = MemoirMethod.score(memoir(tiny_lm), [unrelated], [" again"])  # hook installed, nothing stored
+    base_score = MemoirMethod.loglikelihood(memoir(tiny_lm), [unrelated], [" again"])  # hook installed, nothing stored
     method = memoir(tiny_lm, threshold=1.0)  # only a prompt with exactly an edit's mask switches the memory on
     method.inject([EDIT])
     assert method.memory.weight.abs().sum() > 0
     assert method.route([unrelated])[0][0] is None
     with torch.no_grad():
         assert torch.equal(tiny_lm.model(ids).logits, before)  # the hook adds nothing while the memory is off
-    after = method.score([unrelated], [" again"])[0]
+    after = method.loglikelihood([unrelated], [" again"])[0]
     assert after.logprob == base_score[0].logprob and after.predicted_ids == base_score[0].predicted_ids
-    edited = method.score([Query(id="e", prompt=EDIT.edit.prompt)], [EDIT.edit.target])[0]
+    edited = method.loglikelihood([Query(id="e", prompt=EDIT.edit.prompt)], [EDIT.edit.target])[0]
     assert method.route([Query(id="e", prompt=EDIT.edit.prompt)])[0] == (0, 1.0)
-    assert edited.logprob > MemoirMethod.score(memoir(tiny_lm), [Query(id="e", prompt=EDIT.edit.prompt)],
+    assert edited.logprob > MemoirMethod.loglikelihood(memoir(tiny_lm), [Query(id="e", prompt=EDIT.edit.prompt)],
                                                [EDIT.edit.target])[0].logprob
 
 
@@ -81,8 +81,8 @@ def test_a_batch_mixes_routed_and_unrouted_rows_exactly_as_one_by_one(tiny_lm):
                Query(id="b", prompt=OTHER.edit.prompt)]
     targets = [EDIT.edit.target, " again", OTHER.edit.target]
     assert [edit for edit, _ in method.route(queries)] == [0, None, 1]
-    together = method.score(queries, targets)
-    alone = [method.score([q], [t])[0] for q, t in zip(queries, targets)]
+    together = method.loglikelihood(queries, targets)
+    alone = [method.loglikelihood([q], [t])[0] for q, t in zip(queries, targets)]
     assert [s.logprob for s in together] == pytest.approx([s.logprob for s in alone], abs=1e-4)
     assert [s.predicted_ids for s in together] == [s.predicted_ids for s in alone]
     spec = GenerationSpec(max_new_tokens=3, stop=())
@@ -178,12 +178,12 @@ def test_stop_rule_is_the_reference_early_stop_meter(tiny_lm):
 def test_reset_forgets_every_edit(tiny_lm):
     method = memoir(tiny_lm, threshold=0.0)
     query = Query(id="q", prompt=EDIT.edit.prompt)
-    before = method.score([query], [EDIT.edit.target])[0].logprob
+    before = method.loglikelihood([query], [EDIT.edit.target])[0].logprob
     method.inject([EDIT])
-    assert method.score([query], [EDIT.edit.target])[0].logprob != before
+    assert method.loglikelihood([query], [EDIT.edit.target])[0].logprob != before
     method.reset()
     assert method.memory.weight.abs().sum() == 0 and len(method.masks) == 0
-    assert method.score([query], [EDIT.edit.target])[0].logprob == before
+    assert method.loglikelihood([query], [EDIT.edit.target])[0].logprob == before
     answers = method.answer([query], GenerationSpec(max_new_tokens=2, stop=()))
     assert answers[0].meta == {"retrieved_knowledge_ids": [], "overlap": 0.0}
 

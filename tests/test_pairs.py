@@ -191,6 +191,6 @@ def test_generated_pairs_are_unique_and_filtered_by_the_teacher(tiny_lm, tmp_pat
     assert strict.kept <= strict.generated
     for sentence in kept:  # every kept pair's answer has >= 0.5 mean token probability with the context
         question, answer = sentence.split("\nAnswer: ")
-        score = tiny_lm.score([(tiny_lm.prompt_ids(question + "\nAnswer:", context=context),
+        score = tiny_lm.loglikelihood([(tiny_lm.prompt_ids(question + "\nAnswer:", context=context),
                                 tiny_lm.encode(" " + answer.rstrip("\n")))])[0]
         assert score.logprob / score.n_tokens >= torch.log(torch.tensor(0.5)).item() - 1e-4

@@ -125,7 +125,7 @@ def test_recent_context_keeps_a_window_and_answers_from_it(plugin_modules, tiny_
     assert method.contexts == [" Velmora founded"] and method.extra_storage_bytes() == len(" Velmora founded")
     spec = GenerationSpec(max_new_tokens=4, stop=())
     answer = method.answer([Query("q", " Velmora")], spec)[0].text
-    with_kept = tiny_lm.generate([tiny_lm.prompt_ids(" Velmora", context=" Velmora founded")], spec)[0]
+    with_kept = tiny_lm.generate_until([tiny_lm.prompt_ids(" Velmora", context=" Velmora founded")], spec)[0]
     assert answer == with_kept  # the prompt holds the kept (newest) context
     wider = RecentContextMethod(tiny_lm, window=2)
     for item in ("a", "b", "c"):
@@ -154,3 +154,25 @@ def test_csv_task_groups_rows_by_context_and_names_bad_lines(plugin_modules, tmp
     bad.write_text("context,answer\nx,y\n")
     with pytest.raises(DataError, match=r"missing column\(s\) \['question'\]"):
         CSVQATask(path=str(bad)).steps()
+
+
+def test_a_method_written_to_the_earlier_guide_fails_naming_the_method_to_implement():
+    """A stranger's plugin from before the rename (it defines `score` / `score_bare`) would otherwise be
+    built and run with its log-likelihood never called: it is refused where the class is defined."""
+    from core.types import KBenchError
+    from methods.base import Method
+
+    with pytest.raises(KBenchError, match=r"OldGuide defines `score`.*rename it to `loglikelihood`"):
+        class OldGuide(Method):  # noqa: F841
+            def score(self, queries, targets):
+                return []
+    with pytest.raises(KBenchError, match="rename it to `loglikelihood_unaugmented`"):
+        class OldBare(Method):  # noqa: F841
+            def score_bare(self, queries, targets):
+                return []
+
+    class NewGuide(Method):
+        def loglikelihood(self, queries, targets):
+            return []
+
+    assert NewGuide.loglikelihood is not Method.loglikelihood

@@ -271,7 +271,7 @@ def test_empty_store_answers_without_passages_and_says_so(tiny_lm, make):
     answers = method.answer(queries(), SPEC)
     assert [a.meta["retrieved_knowledge_ids"] for a in answers] == [[], [], []]
     assert method.prompt_ids(queries()[0]) == tiny_lm.prompt_ids(queries()[0].prompt)  # no context at all
-    assert method.score(queries()[:1], [" Orvane"])[0].n_tokens > 0
+    assert method.loglikelihood(queries()[:1], [" Orvane"])[0].n_tokens > 0
     info = method.info()
     assert info["queries_without_passages"] == 3 + 1 + 1 and "empty store" in info["note"]
 

@@ -84,10 +84,10 @@ def test_memory_off_leaves_the_outputs_exactly_the_base_models(trained, lm, task
     answers = trained.answer(queries, SPEC)
     assert [a.text for a in answers] == [a.text for a in base.answer(queries, SPEC)]
     assert all(a.meta["retrieved_knowledge_ids"] == [] for a in answers)
-    assert trained.score(queries, targets) == base.score(queries, targets)  # bit-identical TargetScores
+    assert trained.loglikelihood(queries, targets) == base.loglikelihood(queries, targets)  # bit-identical TargetScores
     trained.inject([task.knowledge(e) for e in task.edits])  # now only the unrelated query is rejected
-    (rejected,) = trained.score([UNRELATED], targets[:1])
-    assert rejected == base.score([UNRELATED], targets[:1])[0]
+    (rejected,) = trained.loglikelihood([UNRELATED], targets[:1])
+    assert rejected == base.loglikelihood([UNRELATED], targets[:1])[0]
     assert rejected.meta["retrieved_knowledge_ids"] == [] and rejected.meta["recipe_sentinel"] > rejected.meta["recipe_similarity"]
 
 
@@ -95,8 +95,8 @@ def test_continuous_prompts_change_the_scored_target(trained, lm, task):
     trained.reset()
     trained.inject([task.knowledge(task.edits[0])])
     query, target = edit_queries(task)[:1], [" " + task.edits[0].target_new]
-    (edited,) = trained.score(query, target)
-    (plain,) = BaseMethod(lm).score(query, target)
+    (edited,) = trained.loglikelihood(query, target)
+    (plain,) = BaseMethod(lm).loglikelihood(query, target)
     assert trained.retrieve(query)[0]["index"] == 0
     assert abs(edited.logprob - plain.logprob) > 1e-2
     assert len(edited.predicted_ids) == edited.n_tokens == plain.n_tokens
@@ -116,7 +116,7 @@ def test_save_and_load_give_identical_outputs(trained, lm, task, tmp_path):
     for method in (trained, loaded):
         method.reset()
         method.inject([task.knowledge(e) for e in task.edits])
-    assert loaded.score(queries, targets) == trained.score(queries, targets)
+    assert loaded.loglikelihood(queries, targets) == trained.loglikelihood(queries, targets)
     assert [a.text for a in loaded.answer(queries, SPEC)] == [a.text for a in trained.answer(queries, SPEC)]
     with pytest.raises(KBenchError, match="was trained for"):
         Recipe(lm, checkpoint=str(path), **(FAST | {"prompt_tokens": 2})).prepare([])
@@ -243,7 +243,7 @@ def test_the_two_retrieval_queries_retrieve_differently(lm):
         method.module.query_head.load_state_dict(method.module.knowledge_head.state_dict())
         method.trained = True
         method.inject(store)
-        (scored,) = method.score(query, [target])
+        (scored,) = method.loglikelihood(query, [target])
         (generated,) = method.answer(query, SPEC)
         got[mode] = (scored.meta["retrieved_knowledge_ids"], generated.meta["retrieved_knowledge_ids"])
         assert method.info()["retrieval_query"] == mode

@@ -64,17 +64,17 @@ def test_top_k_kl_is_a_close_lower_bound_of_the_full_kl(tiny_lm):
 def test_injection_lowers_the_kl_and_teaches_the_fact_without_context(tiny_lm):
     method = make(tiny_lm, teacher_top_k=16)
     prompt, answer = tiny_lm.prompt_ids(QUESTION), tiny_lm.encode(ANSWER)
-    before = tiny_lm.score([(prompt, answer)])[0].logprob
+    before = tiny_lm.loglikelihood([(prompt, answer)])[0].logprob
     examples = method._teacher_cache(method._pairs(FACT))
     method.weights.begin()
     kl_before = total_kl(method, examples)
     method.weights.end()
     method.inject([FACT])
     assert total_kl(method, examples) < 0.5 * kl_before
-    after = tiny_lm.score([(prompt, answer)])[0].logprob
+    after = tiny_lm.loglikelihood([(prompt, answer)])[0].logprob
     assert after > before + 1.0  # no-context log-probability of the answer rises
     method.reset()
-    assert tiny_lm.score([(prompt, answer)])[0].logprob == pytest.approx(before, abs=1e-5)
+    assert tiny_lm.loglikelihood([(prompt, answer)])[0].logprob == pytest.approx(before, abs=1e-5)
 
 
 def test_continuation_and_regularisation_sentences(tiny_lm):
@@ -134,7 +134,7 @@ def test_sequential_injection_uses_the_current_model_as_teacher(tiny_lm):
     method = make(tiny_lm)
     method.inject([FACT])
     prompt, answer = tiny_lm.prompt_ids(QUESTION), tiny_lm.encode(ANSWER)
-    learned = tiny_lm.score([(prompt, answer)])[0].logprob
+    learned = tiny_lm.loglikelihood([(prompt, answer)])[0].logprob
     # the second teacher is the updated model: its cache differs from the base model's
     examples_current = method._teacher_cache(method._pairs(FACT))
     with method.weights.teacher_mode(use_base=True):
@@ -142,7 +142,7 @@ def test_sequential_injection_uses_the_current_model_as_teacher(tiny_lm):
     assert not torch.allclose(examples_current[0].teacher_logprobs, base_view[0].teacher_logprobs)
     method.inject([Knowledge(id="second", context="Klaemthirbrin is a family company. Klaemthirbrin makes boots.",
                              train_sentences=("Question: What does the company Klaemthirbrin produce?\nAnswer: boots\n",))])
-    assert tiny_lm.score([(prompt, answer)])[0].logprob > learned - 3.0  # the first fact is not wiped out
+    assert tiny_lm.loglikelihood([(prompt, answer)])[0].logprob > learned - 3.0  # the first fact is not wiped out
 
 
 def test_non_finite_loss_stops_injection(tiny_lm):

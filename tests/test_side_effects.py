@@ -283,13 +283,13 @@ def test_drift_ratio_moves_after_fine_tuning_and_base_agrees_with_itself(drift_r
     assert rag["drift/general_agreement_tf"] < 1.0 and rag["drift/ppl_ratio"] == 1.0
 
 
-def test_score_bare_skips_the_prompt_augmentation(tiny_lm):
+def test_loglikelihood_unaugmented_skips_the_prompt_augmentation(tiny_lm):
     rag = RagBm25(tiny_lm, top_k=1)
     rag.inject([Knowledge(id="k", context=" Velmora founded")])
     queries, targets = [Query(id="q", prompt=" Velmora"), Query(id="t", prompt="")], [" founded", "The kettle began."]
-    bare, base = rag.score_bare(queries, targets), BaseMethod(tiny_lm).score_bare(queries, targets)
+    bare, base = rag.loglikelihood_unaugmented(queries, targets), BaseMethod(tiny_lm).loglikelihood_unaugmented(queries, targets)
     assert [s.logprob for s in bare] == [s.logprob for s in base]
-    assert rag.score(queries[:1], targets[:1])[0].logprob != bare[0].logprob  # score() does retrieve
+    assert rag.loglikelihood(queries[:1], targets[:1])[0].logprob != bare[0].logprob  # loglikelihood() does retrieve
     # plain text after the start tokens: every token is predicted (the first only if there is a start token)
     assert base[1].n_tokens == len(tiny_lm.encode(targets[1])) - (0 if tiny_lm.start_ids else 1)
 

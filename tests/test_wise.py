@@ -46,7 +46,7 @@ def test_ties_merge_keeps_the_top_entries_and_the_elected_sign():
 def test_an_unrelated_query_uses_the_main_memory_bit_identically_and_the_edit_the_side_memory(tiny_lm):
     queries = [UNRELATED, Query(id="e", prompt=EDITS[0].edit.prompt)]
     targets = [" indeed", EDITS[0].edit.target]
-    before = wise(tiny_lm).score(queries, targets)
+    before = wise(tiny_lm).loglikelihood(queries, targets)
     spec = GenerationSpec(max_new_tokens=3, stop=())
     generated_before = [a.text for a in wise(tiny_lm).answer(queries, spec)]
     # the reference's margins (alpha 5, beta 20) are activation norms set for 7B models: on the 64-wide tiny model
@@ -56,7 +56,7 @@ def test_an_unrelated_query_uses_the_main_memory_bit_identically_and_the_edit_th
     assert not torch.equal(method.side, method.main) and method.side_threshold < float("inf")
     pairs = [tiny_lm.prompt_ids(q.prompt) + tiny_lm.encode(t) for q, t in zip(queries, targets)]
     assert method.route(pairs) == [None, -1]
-    after = method.score(queries, targets)
+    after = method.loglikelihood(queries, targets)
     assert after[0].logprob == before[0].logprob and after[0].predicted_ids == before[0].predicted_ids
     assert after[1].logprob > before[1].logprob
     answers = method.answer(queries, spec)
@@ -85,12 +85,12 @@ def test_reset_restores_the_original_weights_and_outputs(tiny_lm):
     weights = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
     method = wise(tiny_lm)
     query = Query(id="q", prompt=EDITS[0].edit.prompt)
-    before = method.score([query], [EDITS[0].edit.target])[0]
+    before = method.loglikelihood([query], [EDITS[0].edit.target])[0]
     method.inject([EDITS[0]])
-    assert method.score([query], [EDITS[0].edit.target])[0].logprob != before.logprob
+    assert method.loglikelihood([query], [EDITS[0].edit.target])[0].logprob != before.logprob
     method.reset()
     assert torch.equal(method.side, method.main) and not method.memories and method.extra_storage_bytes() == 0
-    after = method.score([query], [EDITS[0].edit.target])[0]
+    after = method.loglikelihood([query], [EDITS[0].edit.target])[0]
     assert after.logprob == before.logprob and after.predicted_ids == before.predicted_ids
     assert all(torch.equal(v, weights[k]) for k, v in tiny_lm.model.state_dict().items())
 

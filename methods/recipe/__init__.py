@@ -18,7 +18,7 @@ Pieces (trained once in `prepare`, frozen afterwards):
 sim(q, k) = Q(f(q))·K(f(k)) / √rep_dim (`similarity=dot`, reference) or their cosine.
 
 Editing (`inject`): encode the edit statement (`Knowledge.context`: "prompt target"), store K(f(k))
-and P(K(f(k))). No gradient step. Answering (`answer` / `score`): j* = argmax_j sim(q, k_j) over the
+and P(K(f(k))). No gradient step. Answering (`answer` / `loglikelihood`): j* = argmax_j sim(q, k_j) over the
 stored edits; if sim(q, k_j*) > sim(q, s) the prompt P_j* is spliced in after the start token through
 `inputs_embeds`, otherwise the query goes through the untouched model's plain token path (bit-identical
 outputs). The retrieval query q (`retrieval_query`) is, as in the reference's forward hook, the whole

@@ -323,27 +323,27 @@ class Recipe(RecipeTraining, Method):
         plain = [i for i, d in enumerate(decisions) if d["index"] is None]
         edited = [i for i, d in enumerate(decisions) if d["index"] is not None]
         if plain:  # no prompt: exactly the untouched model's path
-            for i, text in zip(plain, self.lm.generate([self.prompt_ids(queries[i]) for i in plain], generation)):
+            for i, text in zip(plain, self.lm.generate_until([self.prompt_ids(queries[i]) for i in plain], generation)):
                 texts[i] = text
         if edited:
             vectors = [self.prompts[decisions[i]["index"]] for i in edited]
-            out = self.lm.generate_with_vectors([self.prompt_ids(queries[i]) for i in edited], vectors, generation)
+            out = self.lm.generate_until_with_vectors([self.prompt_ids(queries[i]) for i in edited], vectors, generation)
             for i, text in zip(edited, out):
                 texts[i] = text
         return [Answer(text, meta=self._meta(d)) for text, d in zip(texts, decisions)]
 
-    def score(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
+    def loglikelihood(self, queries: Sequence[Query], targets: Sequence[str]) -> list[TargetScore]:
         decisions = self.retrieve(queries, targets)
         pairs = [(self.prompt_ids(q), self.lm.encode(t)) for q, t in zip(queries, targets)]
         scores: list[TargetScore | None] = [None] * len(queries)
         plain = [i for i, d in enumerate(decisions) if d["index"] is None]
         edited = [i for i, d in enumerate(decisions) if d["index"] is not None]
         if plain:
-            for i, s in zip(plain, self.lm.score([pairs[i] for i in plain])):
+            for i, s in zip(plain, self.lm.loglikelihood([pairs[i] for i in plain])):
                 scores[i] = s
         if edited:
             vectors = [self.prompts[decisions[i]["index"]] for i in edited]
-            for i, s in zip(edited, self.lm.score_with_vectors([pairs[i] for i in edited], vectors)):
+            for i, s in zip(edited, self.lm.loglikelihood_with_vectors([pairs[i] for i in edited], vectors)):
                 scores[i] = s
         for score, decision in zip(scores, decisions):
             score.meta = self._meta(decision)

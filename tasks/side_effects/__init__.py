@@ -14,7 +14,7 @@ guide in docs/side_effects.md):
   `conflict/update_acc`, `stale_rate` and `mixed_rate`.
 - `drift`: a reference step before any injection (index 0) scores a fixed generic text
   (`loglikelihood_bare`: the weights as served, without the method's prompt augmentation, see
-  `Method.score_bare`) and asks fixed unrelated questions through the method (teacher-forced and
+  `Method.loglikelihood_unaugmented`) and asks fixed unrelated questions through the method (teacher-forced and
   generated). Every step that injects asks them again: perplexity and next-token accuracy ratios after /
   before, and agreement with the answers before injection. The unrelated questions carry the step's
   injected contexts as their `Query.context` (what `method=context` shows), as the editing task does.

@@ -11,7 +11,7 @@ from typing import Any
 
 from core.types import Answer, DataError, GenerationSpec, Knowledge, Probe, ProbeSet, Query, Step, TargetScore
 from metrics import editing, qa
-from metrics import side_effects as metrics
+from metrics import side_effects as side_effect_metrics
 from tasks.base import ProbeResult, mean_metrics
 from tasks.qa_item import QAItem
 from tasks.side_effects.drift_data import GENERAL_QUESTIONS, GENERIC_TEXT, load_general_questions, load_generic_text
@@ -157,7 +157,7 @@ class SideEffectProbes:
         if kind is SideEffectProbe.NEAR_MISS:
             rows = []
             for probe, out in pairs:
-                leaked = metrics.leak(out.text, probe.meta["injected"])
+                leaked = side_effect_metrics.leak(out.text, probe.meta["injected"])
                 rows.append({"near_miss/leak_rate": leaked, f"near_miss/leak_rate_{probe.meta['near_miss']}": leaked})
             return rows
         if kind is SideEffectProbe.TEXT:
@@ -174,7 +174,7 @@ class SideEffectProbes:
         if kind is SideEffectProbe.GENERAL_GEN_BEFORE:
             return [{"drift/general_qa_f1_before": qa.token_f1(out.text, probe.answers[0])} for probe, out in pairs]
         before = self._reference(earlier, REFERENCE + "/general_gen")  # GENERAL_GEN
-        return [{"drift/general_agreement_gen": metrics.answer_agreement(self._before(probe, before).text, out.text),
+        return [{"drift/general_agreement_gen": side_effect_metrics.answer_agreement(self._before(probe, before).text, out.text),
                  "drift/general_qa_f1": qa.token_f1(out.text, probe.answers[0])} for probe, out in pairs]
 
     @staticmethod
@@ -191,7 +191,7 @@ class SideEffectProbes:
     def conflict_scores(self, probe: Probe, output: Answer) -> dict[str, float]:
         """Conflict metrics of one answer to an updated fact (empty for any other probe)."""
         pair = self.conflicts.get(probe.query.id)
-        return metrics.conflict_scores(output.text, *pair) if pair else {}
+        return side_effect_metrics.conflict_scores(output.text, *pair) if pair else {}
 
     # ------------------------------------------------------------------ aggregation
     @staticmethod
@@ -209,7 +209,7 @@ class SideEffectProbes:
         for result in results:
             if result.probe_set.endswith("/generic_text"):
                 outputs[result.probe.meta["drift_step"]].append(result.output)
-        return {step: metrics.text_scores((o.logprob, o.n_tokens, o.token_accuracy) for o in scored)
+        return {step: side_effect_metrics.text_scores((o.logprob, o.n_tokens, o.token_accuracy) for o in scored)
                 for step, scored in outputs.items()}
 
     @staticmethod
@@ -220,9 +220,9 @@ class SideEffectProbes:
             raise DataError("the drift reference step (before any injection) has not been scored")
         prior = untouched if before is None else text_by_step[before]
         return {"drift/ppl": now["ppl"], "drift/next_token_acc": now["next_token_acc"],
-                "drift/ppl_ratio": metrics.ratio(now["ppl"], untouched["ppl"]),
-                "drift/next_token_acc_ratio": metrics.ratio(now["next_token_acc"], untouched["next_token_acc"]),
-                "drift/ppl_step_ratio": metrics.ratio(now["ppl"], prior["ppl"])}
+                "drift/ppl_ratio": side_effect_metrics.ratio(now["ppl"], untouched["ppl"]),
+                "drift/next_token_acc_ratio": side_effect_metrics.ratio(now["next_token_acc"], untouched["next_token_acc"]),
+                "drift/ppl_step_ratio": side_effect_metrics.ratio(now["ppl"], prior["ppl"])}
 
     def step_metrics(self, own: Sequence[ProbeResult], side: Sequence[ProbeResult],
                      earlier: Sequence[ProbeResult] = ()) -> dict[str, float]:
@@ -269,8 +269,8 @@ class SideEffectProbes:
         return summary
 
     def protocols(self) -> dict[str, str]:
-        keys = [k for k in metrics.PROTOCOLS if k.split("/")[0] in self.families]
-        out = {k: metrics.PROTOCOLS[k] for k in keys}
+        keys = [k for k in side_effect_metrics.PROTOCOLS if k.split("/")[0] in self.families]
+        out = {k: side_effect_metrics.PROTOCOLS[k] for k in keys}
         if self.on("drift"):
             out |= {"drift/ppl_before": "loglikelihood_bare/perplexity of the generic text before any injection",
                     "drift/general_qa_f1_before": "generate/squad-token-f1 on the unrelated questions before any injection"}
