@@ -39,7 +39,7 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from core.lm import LM
+from core.replay import FrozenPrefix
 from core.options import checked
 from core.progress import progress
 from core.types import (
@@ -57,60 +58,6 @@ from core.types import (
 from methods.base import Method, edit_pairs
 
 log = logging.getLogger(__name__)
-
-
-class FrozenPrefix:
-    """Replays, for one fixed batch, the output of the decoder layers below `index`: they are frozen and do not
-    see the edited module, so an edit's training loop computes them once (first `replay`) and afterwards runs
-    only the layers from `index` up (the others return their input, the last of them the stored output).
-    `check=True` compares the second pass with a full forward once and raises if they differ."""
-
-    def __init__(self, layers: torch.nn.ModuleList, index: int, check: bool = False) -> None:
-        self.layers, self.index, self.check = layers, index, check
-        self.cached: torch.Tensor | None = None
-
-    @contextlib.contextmanager
-    def replay(self) -> Iterator[None]:
-        if self.index == 0:
-            yield
-            return
-        last = self.layers[self.index - 1]
-        if self.cached is None:
-            def keep(module: torch.nn.Module, args: tuple, output: Any) -> None:
-                self.cached = (output[0] if isinstance(output, tuple) else output).detach()
-            handle = last.register_forward_hook(keep)
-            try:
-                yield
-            finally:
-                handle.remove()
-            return
-        passthrough = lambda *args, **kwargs: args[0] if args else kwargs["hidden_states"]  # noqa: E731
-        for layer in self.layers[: self.index - 1]:
-            layer.forward = passthrough
-        last.forward = lambda *args, **kwargs: self.cached
-        try:
-            yield
-        finally:
-            for layer in self.layers[: self.index]:
-                del layer.forward  # back to the class's forward
-
-    def verified(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """`compute()` under `replay`; the first replayed pass is checked once against a full forward (run
-        first, without gradients, so whatever hooks record during the replayed pass stays the last word)."""
-        full = None
-        if self.check and self.index and self.cached is not None:
-            self.check = False
-            with torch.no_grad():
-                full = compute().float()
-        with self.replay():
-            result = compute()
-        if full is not None:
-            gap = float((result.detach().float() - full).abs().max()) / max(1.0, float(full.abs().max()))
-            if gap > 1e-3:
-                raise KBenchError(f"replaying the frozen layers below {self.index} changes the logits by {gap:.2e} "
-                                  f"(relative) on {type(self.layers[0]).__name__}: this model family's decoder layers "
-                                  "do not take and return the hidden states as kbench assumes")
-        return result
 
 
 class _Codebook:

@@ -61,7 +61,7 @@ from core.types import (
     Query, TargetScore, UnitFloat,
 )
 from methods.base import Method, edit_pairs
-from methods.grace import FrozenPrefix
+from core.replay import FrozenPrefix
 
 log = logging.getLogger(__name__)
 

@@ -133,7 +133,7 @@ def test_grace_runs_end_to_end_on_the_tiny_model(tmp_path):
 
 
 def test_replaying_the_frozen_layers_gives_the_full_forward(tiny_lm):
-    from methods.grace import FrozenPrefix
+    from core.replay import FrozenPrefix
 
     batch = tiny_lm.collate([(tiny_lm.prompt_ids(EDIT.edit.prompt), tiny_lm.encode(EDIT.edit.target))] * 2)
     full = tiny_lm.target_logits(batch)
