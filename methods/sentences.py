@@ -2,7 +2,7 @@
 
 - `TaskSentences`: the task's own training QA (synthetic data has them; PwC does not). With `n_pairs > 0`
   a context of the synthetic world gets `n_pairs` unique pairs rendered by its generator
-  (`tasks.world.generate.world_pairs`: paraphrases, two-fact questions, short and sentence answers, never a
+  (`core.world.pairs.world_pairs`: paraphrases, two-fact questions, short and sentence answers, never a
   test phrasing) instead of its few training phrasings; FT(S) and SELF-PARAM then train on the same pairs.
 - `LocalGenerator`: a local model with a few-shot prompt ending in "Question:" samples questions
   about the context, then answers each greedily with the context in view (the paper's ablation: a
@@ -41,6 +41,7 @@ from core.options import ConfigError, checked
 from core.types import (
     GenerationSpec, KBenchError, Knowledge, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, UnitFloat,
 )
+from core.world.pairs import world_pairs
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,6 @@ def world_sentences(knowledge: Knowledge, n_pairs: int, template: str) -> list[s
     """`n_pairs` unique pairs of a synthetic-world context as sentences; None when there are none to render."""
     if not n_pairs:
         return None
-    from tasks.world.generate import world_pairs  # the world's question forms live with its generator
-
     pairs = world_pairs(knowledge, n_pairs)
     return None if pairs is None else [template.format(question=q, answer=a) for q, a in pairs]
 

@@ -24,7 +24,7 @@ from typing import Any
 from core.io import FirstSeen, read_records, text_field
 from core.types import DataError
 from tasks.world.generate import generate_items
-from tasks.world.relations import KINDS, relations_of
+from core.world.relations import KINDS, relations_of
 
 ZSRE_FORMAT = (
     "ZsRE / EasyEdit JSON: a list (or JSON lines) of objects with `src` (prompt), `alt` (new target), "

@@ -25,7 +25,7 @@ from tasks.base import ProbeResult
 from tasks.context_qa import ContextQATask, QAItem
 from tasks.side_effects import SideEffectProbes
 from tasks.world.generate import generate_items
-from tasks.world.relations import KINDS, relations_of
+from core.world.relations import KINDS, relations_of
 
 
 class SyntheticTask(ContextQATask):

@@ -22,7 +22,7 @@ from tasks.side_effects.drift_data import load_general_questions, load_generic_t
 from tasks.sequential import SequentialTask
 from tasks.synthetic import SyntheticTask
 from tasks.world.generate import generate_items
-from tasks.world.relations import KINDS, NEAR_RELATIONS
+from core.world.relations import KINDS, NEAR_RELATIONS
 from tasks.world.variants import near_miss_probes, taken_names, update_item
 from tests.conftest import compose_config, read_record
 

@@ -7,7 +7,7 @@ from core.types import DataError
 from tasks.pwc import PwCTask, answer_length
 from tasks.synthetic import SyntheticTask
 from tasks.world.generate import generate_items
-from tasks.world.relations import KINDS
+from core.world.relations import KINDS
 from metrics.qa import normalize_answer
 
 

@@ -5,7 +5,7 @@ guide in docs/side_effects.md):
 - `near_miss`: after each context is injected, two questions per stated fact whose correct answer is
   *not* the injected one: the same relation about a never-injected subject of the same kind
   (`other_subject`), and a relation the generator never states about the injected subject
-  (`other_relation`, `tasks.world.relations.NEAR_RELATIONS`). Seeded by the data seed and the context id; each probe's gold is a
+  (`other_relation`, `core.world.relations.NEAR_RELATIONS`). Seeded by the data seed and the context id; each probe's gold is a
   fresh generated value that never equals the injected answer, and `meta.injected` is the answer a leak
   would repeat. Metric: `near_miss/leak_rate`.
 - `conflict` (task=sequential only): the last `conflict_updates` contexts of each sequence re-state every

@@ -1,10 +1,7 @@
-"""The fictional world: a seeded generator of invented entities and their facts, importing no task.
+"""The fictional world's contexts and their variants, built on `core.world` (vocabulary, relations,
+training pairs), importing no task.
 
-- `vocab`: the name and value pools (`make_name`, `draw_value`, `draw_subject`);
-- `relations`: the kinds of entity and their `Relation`s (`KINDS`), and the never-stated relations
-  near-miss questions ask (`NEAR_RELATIONS`);
-- `generate`: facts, context-QA items and their training pairs (`generate_items`, `qa_pairs`,
-  `world_pairs`);
+- `generate`: context-QA items (`generate_items`) and the facts a generated context states (`facts_of`);
 - `variants`: what the side-effect probes derive from a generated context: near-miss questions and
   updates that re-state its facts with new values.
 

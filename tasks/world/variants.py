@@ -9,11 +9,12 @@ import random
 from collections.abc import Sequence
 
 from core.types import Knowledge, Probe, Query
+from core.world.pairs import Fact, qa_pairs
+from core.world.relations import KINDS, NEAR_RELATIONS, relations_of
+from core.world.vocab import draw_subject, draw_value
 from metrics.side_effects import mentions
 from tasks.qa_item import QAItem
-from tasks.world.generate import Fact, facts_of, qa_pairs
-from tasks.world.relations import KINDS, NEAR_RELATIONS, relations_of
-from tasks.world.vocab import draw_subject, draw_value
+from tasks.world.generate import facts_of
 
 UPDATE_INTRO = "A later record corrects the earlier facts about {s}."
 
@@ -54,7 +55,7 @@ def near_miss_probes(item: QAItem, prompt_template: str, seed: int, taken: set[s
         relation, injected = relations[fact["relation"]], fact["value"]
         near = NEAR_RELATIONS.get((kind, relation.name))
         if near is None:
-            raise ValueError(f"no near-miss relation for {kind}.{relation.name}: add one to tasks.world.relations.NEAR_RELATIONS")
+            raise ValueError(f"no near-miss relation for {kind}.{relation.name}: add one to core.world.relations.NEAR_RELATIONS")
         other = fresh_subject(kind, rng, taken)
         asked = [
             ("other_subject", relation.test_questions[0].format(s=other), relation.value, [injected]),

@@ -42,6 +42,6 @@ def draw_value(kind: str, rng: random.Random) -> str:
 
 
 def draw_subject(entity_kind: str, rng: random.Random) -> str:
-    """The name of a new entity of `entity_kind` (a key of `tasks.world.relations.KINDS`): a person's
+    """The name of a new entity of `entity_kind` (a key of `core.world.relations.KINDS`): a person's
     first and last name, else one three-syllable name."""
     return draw_value("person", rng) if entity_kind == "person" else make_name(rng, 3)
