@@ -23,6 +23,10 @@ from core.types import KBenchError, Options
 from core.options import ConfigError, checkable, describe_hint, is_model, validate  # noqa: F401 (ConfigError: re-exported)
 
 
+#: what the runner passes to `build` itself (`build(cfg.method, "method", lm=lm)`): never a config option
+RUNTIME_ARGUMENTS = frozenset({"lm"})
+
+
 def _init_parameters(target: Any) -> tuple[dict[str, inspect.Parameter], bool]:
     """Named parameters of a function or class __init__ (following **kwargs up the MRO), and whether
     the target still accepts arbitrary keywords after that (then unknown keys cannot be flagged)."""
@@ -58,7 +62,14 @@ def check_config(node: DictConfig, key: str) -> None:
     """Raise `ConfigError` if a value in `node` does not fit the type hint of its target's parameter."""
     if "_target_" not in node:
         return
-    target = get_object(node._target_)
+    try:
+        target = get_object(node._target_)
+    except ImportError as err:
+        # Hydra reports any error raised while importing the target's module as "Are you sure that module
+        # ... is installed?"; a kbench error there (a plugin written to an old guide) says what to change
+        if isinstance(err.__cause__, KBenchError):
+            raise err.__cause__ from None
+        raise
     params, accepts_any = _init_parameters(target)
     hints = _hints(target)
     for name in node:
@@ -71,7 +82,8 @@ def check_config(node: DictConfig, key: str) -> None:
         if name not in params:
             if accepts_any:
                 continue
-            known = sorted(n for n, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY)
+            known = sorted(n for n, p in params.items() if n not in RUNTIME_ARGUMENTS
+                           and (p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY))
             raise ConfigError(f"{key}.{name}: unknown option for {node._target_}; known options: {known}")
         hint = hints.get(name)
         if hint is None or not checkable(hint):

@@ -88,6 +88,7 @@ def test_cli_wrong_override_type_names_the_key(tmp_path):
     result = run_cli(*TINY, "task.n_contexts=abc", f"hydra.run.dir={tmp_path}")
     assert result.returncode != 0
     assert "task.n_contexts: expected int >= 1, got 'abc'" in result.stderr
+    assert "Traceback" not in result.stderr  # one line naming the key, not Hydra's traceback
     record = read_record(tmp_path)
     assert record["status"] == "failed" and "ConfigError" in record["error"]
 
