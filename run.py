@@ -73,6 +73,17 @@ def parallel_jobs(hydra_cfg, multirun: bool) -> int:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    try:
+        launch(cfg)
+    except KBenchError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra reports the sweep's failed job; its record says why
+        # a kbench error names the key, file:line or knob to fix: one line instead of Hydra's traceback
+        sys.exit(f"{type(error).__name__}: {error}")
+
+
+def launch(cfg: DictConfig) -> None:
+    """One job: skip it if already done, continue an unfinished attempt, else run it; print its results."""
     hydra_cfg = HydraConfig.get()
     names = {group: hydra_cfg.runtime.choices.get(group) for group in ("model", "method", "task")}
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -87,44 +98,38 @@ def main(cfg: DictConfig) -> None:
         say(drift)  # the record lists the drift too (`version_drift`)
     run_id = run_identity(cfg)
     what = f"run {run_id} ({names['method']} / {names['task']} / seed {cfg.seed})"
-    try:
-        with resume.claim_folder(output_dir, run_id):
-            # the folder this command writes to is always searched: a rerun finds its own records there
-            own = Path(hydra_cfg.sweep.dir) if multirun else output_dir
-            attempts = resume.earlier_attempts([own, cfg.resume.search_dir], run_id)
-            if not cfg.force:
-                for done in (a for a in attempts if a.done):
-                    changes = resume.input_changes(done.record)
-                    if changes:
-                        say(f"not skipping {what}: its done record in {done.directory} read other inputs: "
-                            f"{'; '.join(changes)}. Running it again.")
-                        continue
-                    resume.link_record(done, output_dir)
-                    made_by, now = done.record.get("git_commit"), git_commit()
-                    stale = f"; it was computed by commit {made_by}, this is {now}" if made_by != now else ""
-                    say(f"skipped: {what} is already done in {done.directory}{stale} (force=true runs it again)")
-                    return
-            resume_from = None
-            if not cfg.force:
-                unfinished = []
-                for attempt in (a for a in attempts if not a.done):
-                    if attempt.directory.resolve() != output_dir.resolve() and resume.in_use(attempt.directory):
-                        say(f"not continuing {attempt.directory}: that attempt of {what} is still running")
-                    elif changes := resume.input_changes(attempt.record):
-                        say(f"not continuing {attempt.directory}: it read other inputs: {'; '.join(changes)}")
-                    else:
-                        unfinished.append(attempt.directory)
-                # the newest attempt with a checkpoint; else the record says it started over
-                if unfinished:
-                    resume_from = next((d for d in unfinished if resume.latest_checkpoint(d, run_id)), unfinished[0])
-                    say(f"continuing {what} from {resume_from}")
-            record = Experiment(cfg, output_dir, names=names, resume_from=resume_from,
-                                parallel_jobs=parallel_jobs(hydra_cfg, multirun)).run()
-    except KBenchError as error:
-        if multirun:
-            raise  # Hydra reports the sweep's failed job; its record says why
-        # a kbench error names the key, file:line or knob to fix: one line instead of Hydra's traceback
-        sys.exit(f"{type(error).__name__}: {error}")
+    with resume.claim_folder(output_dir, run_id):
+        # the folder this command writes to is always searched: a rerun finds its own records there
+        own = Path(hydra_cfg.sweep.dir) if multirun else output_dir
+        attempts = resume.earlier_attempts([own, cfg.resume.search_dir], run_id)
+        if not cfg.force:
+            for done in (a for a in attempts if a.done):
+                changes = resume.input_changes(done.record)
+                if changes:
+                    say(f"not skipping {what}: its done record in {done.directory} read other inputs: "
+                        f"{'; '.join(changes)}. Running it again.")
+                    continue
+                resume.link_record(done, output_dir)
+                made_by, now = done.record.get("git_commit"), git_commit()
+                stale = f"; it was computed by commit {made_by}, this is {now}" if made_by != now else ""
+                say(f"skipped: {what} is already done in {done.directory}{stale} (force=true runs it again)")
+                return
+        resume_from = None
+        if not cfg.force:
+            unfinished = []
+            for attempt in (a for a in attempts if not a.done):
+                if attempt.directory.resolve() != output_dir.resolve() and resume.in_use(attempt.directory):
+                    say(f"not continuing {attempt.directory}: that attempt of {what} is still running")
+                elif changes := resume.input_changes(attempt.record):
+                    say(f"not continuing {attempt.directory}: it read other inputs: {'; '.join(changes)}")
+                else:
+                    unfinished.append(attempt.directory)
+            # the newest attempt with a checkpoint; else the record says it started over
+            if unfinished:
+                resume_from = next((d for d in unfinished if resume.latest_checkpoint(d, run_id)), unfinished[0])
+                say(f"continuing {what} from {resume_from}")
+        record = Experiment(cfg, output_dir, names=names, resume_from=resume_from,
+                            parallel_jobs=parallel_jobs(hydra_cfg, multirun)).run()
     print(results_table([record]))
     say(f"record: {output_dir}/record.json")
 

@@ -23,6 +23,14 @@ from core.types import KBenchError, Options
 from core.options import ConfigError, checkable, describe_hint, is_model, validate  # noqa: F401 (ConfigError: re-exported)
 
 
+def kbench_cause(err: Exception) -> KBenchError | None:
+    """The kbench error Hydra wrapped (in one or more InstantiationException / ImportError layers), if any."""
+    cause = err.__cause__
+    while isinstance(cause, (InstantiationException, ImportError)):
+        cause = cause.__cause__
+    return cause if isinstance(cause, KBenchError) else None
+
+
 #: what the runner passes to `build` itself (`build(cfg.method, "method", lm=lm)`): never a config option
 RUNTIME_ARGUMENTS = frozenset({"lm"})
 
@@ -67,8 +75,8 @@ def check_config(node: DictConfig, key: str) -> None:
     except ImportError as err:
         # Hydra reports any error raised while importing the target's module as "Are you sure that module
         # ... is installed?"; a kbench error there (a plugin written to an old guide) says what to change
-        if isinstance(err.__cause__, KBenchError):
-            raise err.__cause__ from None
+        if (cause := kbench_cause(err)) is not None:
+            raise cause from None
         raise
     params, accepts_any = _init_parameters(target)
     hints = _hints(target)
@@ -120,9 +128,6 @@ def build(node: DictConfig, key: str, **runtime: Any) -> Any:
     except InstantiationException as err:
         # Hydra wraps what a constructor raises in "Error in call to target ...: ConfigError('...')";
         # a kbench error already says what is wrong and where (key, file:line): pass it on unwrapped.
-        cause = err.__cause__
-        while isinstance(cause, InstantiationException):
-            cause = cause.__cause__
-        if isinstance(cause, KBenchError):
+        if (cause := kbench_cause(err)) is not None:
             raise cause from None
         raise

@@ -23,15 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 _NOT_OVERRIDABLE = re.compile(r"Could not override '([^']+)'")
 
 
-def _jobs(overrides: Sequence[str]) -> list[list[str]]:
+def _is_group_choice(override: str, groups: set[str]) -> bool:
+    """`method=memoir` or `method/sentences=local` (a choice in one of the config folders `groups`), not
+    `method.lr=0.1` or `seed=1` (values), nor a key of no folder (`methd=memoir`, which Hydra may refuse)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "=" in override and "." not in key and key.split("/")[0] in groups
+
+
+def _jobs(overrides: Sequence[str], groups: set[str]) -> list[list[str]]:
     """The override lists of a sweep's jobs, one per distinct choice of config groups (a typo in a
     value key fails in every job alike; a key may exist for one method and not another)."""
     parsed = OverridesParser.create().parse_overrides(list(overrides))
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     distinct: dict[tuple[str, ...], list[str]] = {}
     for job in jobs:
-        groups = tuple(o for o in job if "=" in o and "." not in o.split("=", 1)[0])
-        distinct.setdefault(groups, job)
+        distinct.setdefault(tuple(o for o in job if _is_group_choice(o, groups)), job)
     return list(distinct.values())
 
 
@@ -45,10 +51,11 @@ def unknown_override(args: Sequence[str], config_dir: str | Path, config_name: s
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return None
     overrides = [a for a in args if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
-    if not overrides:
-        return None
+    groups = {p.name for p in Path(config_dir).iterdir() if p.is_dir()}
+    if not any(not o.startswith(("+", "~")) and not _is_group_choice(o, groups) for o in overrides):
+        return None  # only group choices and `+` additions: no key Hydra could refuse, nothing to compose
     try:
-        jobs = _jobs(overrides)
+        jobs = _jobs(overrides, groups)
     except HydraException:
         return None  # malformed overrides: Hydra's own parser message is the right one
     GlobalHydra.instance().clear()
@@ -68,16 +75,15 @@ def unknown_override(args: Sequence[str], config_dir: str | Path, config_name: s
                 cfg = compose(config_name=config_name, overrides=rest)
             except HydraException:
                 return None
-            return _message(cfg, key, job)
+            return _message(cfg, key, [o for o in job if _is_group_choice(o, groups)])
     return None
 
 
-def _message(cfg: DictConfig, key: str, job: Sequence[str]) -> str:
+def _message(cfg: DictConfig, key: str, choices: Sequence[str]) -> str:
     parent, _, name = key.rpartition(".")
     node = OmegaConf.select(cfg, parent) if parent else cfg
     if not isinstance(node, DictConfig):
         return f"{key}: unknown option: {parent or 'the config'} holds no options"
     target = f" for {node._target_}" if "_target_" in node else ""
     known = sorted(k for k in node.keys() if not str(k).startswith("_"))
-    groups = " ".join(o for o in job if "=" in o and "." not in o.split("=", 1)[0])
-    return f"{key}: unknown option{target}; known options: {known}" + (f" (with {groups})" if groups else "")
+    return f"{key}: unknown option{target}; known options: {known}" + (f" (with {' '.join(choices)})" if choices else "")

@@ -90,7 +90,7 @@ class Task(ABC):
         return []
 
     def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
-              earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
+                        earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per-probe metrics of one probe set's outputs (aligned with `probe_set.probes`). `earlier`: every
         result of the run's earlier steps, where a metric comparing with a reference (scored at an earlier
         step) finds it. Default: QA metrics of generated answers
