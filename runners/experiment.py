@@ -240,7 +240,9 @@ class Experiment:
         if self.wandb_run is not None:
             self.wandb_run.log({f"step/{k}": v for k, v in entry["metrics"].items()}
                                | {"step/inject_seconds": entry["inject_seconds"]}, step=entry["index"])
-        log.info("step %d (%s): %s", entry["index"], entry["label"], _fmt(entry["metrics"]))
+        # a step without probes (editing scores after the last edit) says what it did instead of ending in ": "
+        shown = _fmt(entry["metrics"]) or f"injected in {entry['inject_seconds']:.1f} s, not scored at this step"
+        log.info("step %d (%s): %s", entry["index"], entry["label"], shown)
 
     # ------------------------------------------------------------------ resuming
     def _checkpoint(self, method: Method, steps: Sequence[Step], position: int) -> None:

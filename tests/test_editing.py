@@ -1,5 +1,6 @@
 """The editing task: loaders on small files, metric definitions on hand-computed cases, protocols, a tiny run."""
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -223,12 +224,16 @@ def test_the_real_counterfact_files_load_and_the_training_split_is_disjoint(shar
 
 
 @pytest.mark.slow
-def test_score_every_one_on_three_edits_gives_a_3x3_matrix_whose_last_row_is_the_after_all_scores(tmp_path):
+def test_score_every_one_on_three_edits_gives_a_3x3_matrix_whose_last_row_is_the_after_all_scores(tmp_path, caplog):
     overrides = ("model=tiny", "logger=none", "method=ft_context", "method.epochs=1", "task=editing", "task.n_edits=3",
                  "task.max_new_tokens=4", "task.n_train=0")
     names = {"method": "ft_context", "task": "editing", "model": "tiny"}
     Experiment(compose_config(*overrides, "task.score_every=1"), tmp_path / "stream", names=names).run()
-    Experiment(compose_config(*overrides), tmp_path / "end", names=names).run()
+    with caplog.at_level(logging.INFO, logger="runners.experiment"):
+        Experiment(compose_config(*overrides), tmp_path / "end", names=names).run()
+    # the edits before the last are not scored: their log line says so instead of ending in ": "
+    assert any(r.getMessage().startswith("step 1 (") and r.getMessage().endswith("not scored at this step")
+               for r in caplog.records)
     stream, end = read_record(tmp_path / "stream"), read_record(tmp_path / "end")
     assert stream["status"] == end["status"] == "done"
     report = stream["task_report"]["stream"]
