@@ -103,6 +103,22 @@ def test_settings_that_differ_in_a_knob_are_separate_rows(tmp_path):
     assert table.set_index("variant").loc["method.lr=0.001", "qa_f1_mean"] == pytest.approx(0.5)
 
 
+def test_a_label_names_a_folder_of_runs_and_refuses_a_folder_of_two_settings(tmp_path, capsys):
+    for seed, f1 in ((0, 0.4), (1, 0.6)):
+        write_run(tmp_path / "fast" / f"s{seed}", "ft_sentences", seed, {"qa_f1": f1}, knobs={"lr": 0.001, "batch_size": 4})
+        write_run(tmp_path / "slow" / f"s{seed}", "ft_sentences", seed, {"qa_f1": f1 / 2}, knobs={"lr": 2e-5, "batch_size": 1})
+    table = report.summarize(report.runs_frame(report.load_runs([tmp_path], {tmp_path / "slow": "reference"}).records))
+    # the labelled setting shows its name, the other its knobs; seeds still average within each
+    assert sorted(table["variant"]) == ["method.batch_size=4, method.lr=0.001", "reference"]
+    assert table.set_index("variant").loc["reference", "qa_f1_mean"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="2 settings"):
+        report.load_runs([tmp_path], {tmp_path: "both"})
+    assert report.main([str(tmp_path), "--label", "nonsense"]) == 2
+    assert "DIR=NAME" in capsys.readouterr().err
+    assert report.main([str(tmp_path), "--label", f"{tmp_path / 'fast'}=CPU default"]) == 0
+    assert "| CPU default " in capsys.readouterr().out
+
+
 def test_csv_has_numeric_means_and_stds(sweep):
     frame = pd.read_csv(io.StringIO(report.render([sweep], "csv")))
     row = frame.set_index("method").loc["ft_sentences"]

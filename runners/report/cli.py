@@ -24,13 +24,14 @@ panel per metric, rates on a 0–1 axis, counts and ratios on their own; see `pl
     python -m runners.report outputs --group side_effects
     python -m runners.report outputs --baseline base          # * = differs from base, paired p < 0.05
     python -m runners.report outputs --compare base,selfparam  # paired test on the shared probes
+    python -m runners.report outputs/a outputs/b --label outputs/b="reference preset"  # a name, not knobs
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from core.records import RECORD_FILE
@@ -88,15 +89,15 @@ def compare_text(paths: Sequence[str | Path], spec: str, metrics: Sequence[str] 
 
 def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] | None = None,
            groups: Sequence[str] | None = None, interval: bool = False, baseline: str | None = None,
-           cost: bool = False) -> str:
+           cost: bool = False, labels: Mapping[str, str] | None = None) -> str:
     """The report text for the records under `paths` in format md, latex or csv: every metric, or the
     `metrics` named followed by the columns of the metric `groups` (`group_columns`).
 
     md and latex: one table per task, with only the metrics that task's runs have; a table whose rows
     would be wider than `MAX_ROW_CHARS` is split by metric group into several (each repeats the setting
     columns). csv: one machine-readable table of every task. Failed and unfinished runs are listed last,
-    each with the root cause of its failure."""
-    runs = load_runs(paths)
+    each with the root cause of its failure. `labels` {run folder: name} names those runs' variant."""
+    runs = load_runs(paths, labels)
     frame = runs_frame(runs.records)
     if not runs.records:
         raise FileNotFoundError(f"no {RECORD_FILE} found under {', '.join(map(str, paths))}")
@@ -144,6 +145,14 @@ def render(paths: Sequence[str | Path], fmt: str = "md", metrics: Sequence[str] 
     return "\n\n".join(blocks) + "\n" + ("\n" + "\n".join(problems) + "\n" if problems else "")
 
 
+def _label_arg(spec: str) -> tuple[str, str]:
+    """`DIR=NAME` of --label; raises ValueError naming the malformed argument."""
+    folder, sep, name = spec.partition("=")
+    if not sep or not folder or not name.strip():
+        raise ValueError(f"--label takes DIR=NAME, got {spec!r}")
+    return folder, name.strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runners.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run folders, multirun folders or `outputs` (searched recursively)")
@@ -158,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                            "seconds per item and per query, peak memory, storage)")
     parser.add_argument("--compare", metavar="A,B", help="paired comparison of two methods (or run folders) on "
                                                          "their shared probes, instead of the tables")
+    parser.add_argument("--label", action="append", default=[], metavar="DIR=NAME",
+                        help="show NAME as the variant of the runs under DIR (one setting) instead of the knobs "
+                             "that differ; repeatable")
     parser.add_argument("--plot", action="store_true", help="also write PNG plots")
     parser.add_argument("--plot-dir", help="folder for the plots (default: beside --out, else the first path)")
     parser.add_argument("--plot-metric", default="qa_f1", help="metric of the retention curves (default: qa_f1)")
@@ -165,10 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     groups = [g.strip() for g in args.group.split(",")] if args.group else None
     try:
+        labels = dict(_label_arg(spec) for spec in args.label)
         if args.compare:
             text = compare_text(args.paths, args.compare, metrics)
         else:
-            text = render(args.paths, args.format, metrics, groups, args.ci, args.baseline, args.cost)
+            text = render(args.paths, args.format, metrics, groups, args.ci, args.baseline, args.cost, labels)
     except (FileNotFoundError, ValueError, KBenchError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -181,6 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.plot:
         first = Path(args.paths[0])
         default_dir = Path(args.out).parent if args.out else (first if first.is_dir() else first.parent)
-        for path in plot(args.paths, Path(args.plot_dir) if args.plot_dir else default_dir, args.plot_metric, metrics):
+        for path in plot(args.paths, Path(args.plot_dir) if args.plot_dir else default_dir, args.plot_metric, metrics,
+                         labels):
             print(f"wrote {path}")
     return 0

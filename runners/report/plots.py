@@ -2,7 +2,7 @@
 metric (rates on a 0–1 axis, counts and ratios on their own); matplotlib is imported only here, when asked."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,11 @@ PANELS_PER_ROW = 4
 
 
 def plot(paths: Sequence[str | Path], out_dir: str | Path, curve_metric: str = "qa_f1",
-         metrics: Sequence[str] | None = None) -> list[Path]:
+         metrics: Sequence[str] | None = None, labels: Mapping[str, str] | None = None) -> list[Path]:
     """Write `retention_<task>.png` (tasks that inject cumulatively), `stream_<task>.png` (editing runs with
     `task.score_every`: reliability / generality / locality along the edit stream) and `metrics_<task>.png` (one small
-    panel per metric, default every metric of the task) into `out_dir`; return the files written.
+    panel per metric, default every metric of the task) into `out_dir`; return the files written. `labels`
+    {run folder: name}: as `load_runs`.
 
     Every panel has its own y axis: rates (every value in [0, 1]) are drawn on a fixed 0–1 axis, counts and
     ratios on their own scale, so the two never share an axis. Panels wrap `PANELS_PER_ROW` to a row and the
@@ -37,7 +38,7 @@ def plot(paths: Sequence[str | Path], out_dir: str | Path, curve_metric: str = "
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    runs = load_runs(paths)
+    runs = load_runs(paths, labels)
     frame = runs_frame(runs.records)
     done = [r for r in runs.records if r.get("status") == "done"]
     out_dir = Path(out_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,13 @@ class Runs:
     superseded: int = 0  # earlier attempts of a run that has a newer or a finished record
 
 
-def load_runs(paths: Iterable[str | Path]) -> Runs:
+def load_runs(paths: Iterable[str | Path], labels: Mapping[str | Path, str] | None = None) -> Runs:
     """Read every record under `paths` (`core.records.find_records`); keep one attempt per run_id (newest
-    done, else newest)."""
+    done, else newest). `labels` {folder: name}: the records under a folder show `name` as their variant
+    (`--label DIR=name`) instead of the knobs that tell them apart.
+
+    Raises ValueError when a labelled folder holds runs of more than one setting (their seeds would be
+    averaged together under one name) or holds no record."""
     runs = Runs()
     by_id: dict[str, list[dict[str, Any]]] = {}
     for found in find_records(paths):
@@ -50,6 +54,18 @@ def load_runs(paths: Iterable[str | Path]) -> Runs:
         runs.records.append(chosen)
         runs.superseded += len(attempts) - 1
     runs.records.sort(key=lambda r: (r.get("task", ""), r.get("method", ""), r.get("seed", 0), r["_path"]))
+    for folder, name in (labels or {}).items():
+        root = Path(folder).resolve()
+        inside = [r for r in runs.records if root == Path(r["_path"]).resolve()
+                  or root in Path(r["_path"]).resolve().parents]
+        settings = {setting_id(r) for r in inside}
+        if not inside:
+            raise ValueError(f"--label {folder}={name}: no record under {folder}")
+        if len(settings) > 1:
+            raise ValueError(f"--label {folder}={name}: the folder holds {len(settings)} settings (runs that differ in "
+                             f"more than the seed); label each run folder instead")
+        for record in inside:
+            record["_label"] = name
     return runs
 
 
@@ -75,9 +91,11 @@ def setting_id(record: dict[str, Any]) -> str:
 
 def variants(records: Sequence[dict[str, Any]]) -> dict[str, str]:
     """A short label per setting id naming the knobs that tell settings of one (task, method, model) apart,
-    and the non-method knobs (task data, size, protocol) that differ anywhere in the task's table."""
+    and the non-method knobs (task data, size, protocol) that differ anywhere in the task's table. A name
+    given with `--label` (`load_runs`) stands in for the method knobs."""
     labels: dict[str, str] = {}
     families: dict[tuple, dict[str, dict[str, Any]]] = {}
+    names = {setting_id(r): r["_label"] for r in records if r.get("_label")}
     for record in records:
         key = (record.get("task"), record.get("method"), record.get("model"))
         families.setdefault(key, {})[setting_id(record)] = _flat(record.get("config", {}))
@@ -89,7 +107,9 @@ def variants(records: Sequence[dict[str, Any]]) -> dict[str, str]:
         own = _differing(settings) if len(settings) > 1 else []
         for sid, flat in settings.items():
             keys = list(dict.fromkeys([*shared, *own]))
-            labels[sid] = ", ".join(f"{k}={flat.get(k)}" for k in keys) or (sid[:8] if len(settings) > 1 else "")
+            knobs = [f"{k}={flat.get(k)}" for k in (shared if sid in names else keys)]
+            labels[sid] = ", ".join([names[sid], *knobs] if sid in names else knobs) or (
+                sid[:8] if len(settings) > 1 else "")
     return labels
 
 
