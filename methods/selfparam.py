@@ -34,6 +34,7 @@ Sequential injection continues from the current weights; the teacher is then the
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ class SelfParam(FineTuneMethod):
         self.regularisation_cursor = 0  # next unused text of the pool: each is used once until it runs out
         self.cache_bytes = 0
         self.n_examples: dict[str, int] = {}
+        # per injection, how well the teacher (with the context) predicts its own QA sentences: with
+        # teacher=current a damaged model teaches the next context, and this is where that shows first
+        self.teacher_quality: list[dict[str, float]] = []
 
     @property
     def regularisation_text(self) -> str:
@@ -252,11 +256,19 @@ class SelfParam(FineTuneMethod):
     def _teacher_cache(self, pairs: list[tuple[list[int], list[int], list[int], str, int]]) -> list[DistillExample]:
         examples: list[DistillExample] = []
         self.cache_bytes = 0
+        qa_hits, qa_logprob, qa_tokens = [], [], 0  # device tensors, summed once at the end (no sync per chunk)
         with self.weights.teacher_mode(use_base=self.teacher == "base"):
             for chunk in self.lm.batches(pairs, desc="teacher", size=self.teacher_batch_size):
                 batch = self.lm.collate([(teacher, target) for teacher, _, target, _, _ in chunk])
                 logprobs = torch.log_softmax(self.lm.target_logits(batch), dim=-1)
                 lengths = batch.target_lengths  # computed on the host while collating: no sync
+                if list(lengths) == [len(target) for _, _, target, _, _ in chunk]:  # no target truncated
+                    gold = torch.tensor([t for _, _, target, _, _ in chunk for t in target], device=logprobs.device)
+                    qa = torch.tensor([kind == "qa" for _, _, target, kind, _ in chunk for _ in target],
+                                      device=logprobs.device)
+                    qa_tokens += sum(len(target) for _, _, target, kind, _ in chunk if kind == "qa")
+                    qa_logprob.append((logprobs.gather(1, gold[:, None]).squeeze(1) * qa).sum())
+                    qa_hits.append(((logprobs.argmax(-1) == gold) & qa).sum())
                 if self.teacher_top_k:
                     top, index = logprobs.topk(self.teacher_top_k, dim=-1)
                     rest = torch.logsumexp(logprobs.scatter(1, index, float("-inf")), dim=-1)
@@ -266,6 +278,14 @@ class SelfParam(FineTuneMethod):
                 for (_, prefix, target, kind, group), (lp, ix, rs) in zip(chunk, parts):
                     examples.append(DistillExample((prefix, target), lp.clone(), _clone(ix), _clone(rs), kind, group))
                     self.cache_bytes += sum(t.numel() * t.element_size() for t in (lp, ix, rs) if t is not None)
+        if qa_tokens:
+            hits, logprob = float(torch.stack(qa_hits).sum()), float(torch.stack(qa_logprob).sum())
+            quality = {"qa_token_acc": round(hits / qa_tokens, 4),
+                       "qa_token_prob": round(math.exp(logprob / qa_tokens), 4), "qa_tokens": qa_tokens}
+            self.teacher_quality.append(quality)
+            log.info("SELF-PARAM teacher (injection %d), on its QA sentences with the context: argmax = gold for %.1f %% "
+                     "of tokens, geometric-mean gold probability %.3f", len(self.teacher_quality),
+                     100 * quality["qa_token_acc"], quality["qa_token_prob"])
         return examples
 
     # ------------------------------------------------------------------ training
@@ -298,7 +318,8 @@ class SelfParam(FineTuneMethod):
 
     def save_state(self, directory: Path) -> bool:
         super().save_state(directory)  # weights and losses
-        state = {"rng": self.rng.getstate(), "n_examples": self.n_examples, "regularisation_cursor": self.regularisation_cursor}
+        state = {"rng": self.rng.getstate(), "n_examples": self.n_examples, "regularisation_cursor": self.regularisation_cursor,
+                 "teacher_quality": self.teacher_quality}
         atomic_write_json(Path(directory) / "selfparam.json", state)
         return True
 
@@ -309,6 +330,7 @@ class SelfParam(FineTuneMethod):
         self.rng.setstate((version, tuple(internal), gauss))
         self.n_examples = state["n_examples"]
         self.regularisation_cursor = state.get("regularisation_cursor", 0)
+        self.teacher_quality = state.get("teacher_quality", [])
 
     def info(self) -> dict[str, Any]:
         return super().info() | {
@@ -317,6 +339,8 @@ class SelfParam(FineTuneMethod):
             "regularisation_source": self.regularisation_source,
             "regularisation_texts_used": self.regularisation_cursor,
             "regularisation_pool": len(self.regularisation_pool),
+            # per injection: the teacher's argmax = gold share and geometric-mean gold probability on the QA sentences
+            "teacher_quality": self.teacher_quality,
         }
 
 

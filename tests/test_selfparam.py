@@ -1,4 +1,6 @@
 """SELF-PARAM on the tiny real model: the objective, the top-k cache, injection, merge, failure."""
+import math
+
 import pytest
 import torch
 
@@ -75,6 +77,23 @@ def test_injection_lowers_the_kl_and_teaches_the_fact_without_context(tiny_lm):
     assert after > before + 1.0  # no-context log-probability of the answer rises
     method.reset()
     assert tiny_lm.loglikelihood([(prompt, answer)])[0].logprob == pytest.approx(before, abs=1e-5)
+
+
+def test_teacher_quality_is_the_teachers_gold_token_score_on_its_qa_sentences(tiny_lm):
+    method = make(tiny_lm, epochs=1, continuation_per_sentence=1.0)  # continuations are not counted
+    target = tiny_lm.encode(QUESTION + ANSWER + "\n")
+    expected = tiny_lm.loglikelihood([(tiny_lm.start_ids + tiny_lm.context_ids(FACT.context), target)])[0]
+    method.inject([FACT])
+    # the second teacher is the updated model (teacher: current), scored the same way
+    updated = tiny_lm.loglikelihood([(tiny_lm.start_ids + tiny_lm.context_ids(FACT.context), target)])[0]
+    method.inject([FACT])
+    first, second = method.teacher_quality
+    assert first["qa_tokens"] == len(target) == expected.n_tokens
+    assert first["qa_token_prob"] == pytest.approx(math.exp(expected.logprob / expected.n_tokens), abs=1e-3)
+    assert first["qa_token_acc"] == pytest.approx(expected.token_accuracy, abs=1e-3)
+    assert second["qa_token_prob"] == pytest.approx(math.exp(updated.logprob / updated.n_tokens), abs=1e-3)
+    assert updated.logprob != pytest.approx(expected.logprob, abs=1e-4)  # it did change between the two
+    assert method.info()["teacher_quality"] == [first, second]
 
 
 def test_continuation_and_regularisation_sentences(tiny_lm):
