@@ -64,6 +64,12 @@ class SentenceSource(ABC):
     @abstractmethod
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]: ...
 
+    @property
+    def pairs_per_context(self) -> int | str:
+        """QA pairs per context this source gives, as a method's `reference` compares it (SELF-PARAM's
+        reference: 500): a number, or a phrase where it depends on the context."""
+        return "the task's own sentences"
+
 
 def world_sentences(knowledge: Knowledge, n_pairs: int, template: str) -> list[str] | None:
     """`n_pairs` unique pairs of a synthetic-world context as sentences; None when there are none to render."""
@@ -78,6 +84,10 @@ class TaskSentences(SentenceSource):
     def __init__(self, n_pairs: NonNegativeInt = 0,
                  sentence_template: str = "Question: {question}\nAnswer: {answer}\n") -> None:
         self.n_pairs, self.sentence_template = n_pairs, sentence_template
+
+    @property
+    def pairs_per_context(self) -> int | str:
+        return f"{self.n_pairs} (synthetic world), else the task's own" if self.n_pairs else super().pairs_per_context
 
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]:
         world = world_sentences(knowledge, self.n_pairs, self.sentence_template)
@@ -102,6 +112,10 @@ class _CachedGenerator(SentenceSource):
                               f"got {sentence_template!r}")
         self.n_sentences, self.sentence_template = n_sentences, sentence_template
         self.max_attempts, self.seed, self.min_answer_prob = max_attempts, seed, min_answer_prob
+
+    @property
+    def pairs_per_context(self) -> int | str:
+        return self.n_sentences
         self.kept = self.generated = 0  # pairs kept by the teacher filter / unique pairs generated (last context)
 
     @abstractmethod
@@ -271,6 +285,14 @@ class AutoSentences(SentenceSource):
     def __init__(self, generator: SentenceSource, n_pairs: NonNegativeInt = 0,
                  sentence_template: str = "Question: {question}\nAnswer: {answer}\n") -> None:
         self.generator, self.n_pairs, self.sentence_template = generator, n_pairs, sentence_template
+
+    @property
+    def pairs_per_context(self) -> int | str:
+        generated = self.generator.pairs_per_context
+        if self.n_pairs == generated:
+            return generated
+        world = f"{self.n_pairs} (synthetic world)" if self.n_pairs else "the task's own (synthetic world)"
+        return f"{world}, {generated} (generated, other tasks)"
 
     def __call__(self, knowledge: Knowledge, lm: LM) -> list[str]:
         world = world_sentences(knowledge, self.n_pairs, self.sentence_template)

@@ -155,8 +155,8 @@ def test_the_reference_preset_composes_to_the_reference_values(tiny_lm):
     assert cfg.method._target_ == "methods.selfparam.SelfParam" and cfg.task.train_pairs_per_context == 500
     method = build(cfg.method, "method", lm=tiny_lm)
     for knob, value in SelfParam.reference.items():
-        if knob in ("teacher_top_k", "regularisation_text"):
-            continue  # the two deviations the preset keeps (below)
+        if knob in ("teacher_top_k", "regularisation_text", "pairs_per_context"):
+            continue  # the two deviations the preset keeps (below); the pairs are the sentence source's (below)
         head, _, rest = knob.partition(".")
         node = cfg.method[head]
         for part in rest.split(".") if rest else []:
@@ -167,8 +167,14 @@ def test_the_reference_preset_composes_to_the_reference_values(tiny_lm):
     deviations = method.reference_deviations()
     assert set(deviations) == {"teacher_top_k", "regularisation_text"}
     assert "wikitext2/valid.txt" in deviations["regularisation_text"]
+    assert method.pairs_per_context == 500
     default = build(compose_config("model=tiny", "method=selfparam").method, "method", lm=tiny_lm)
     assert {"lr", "batch_size", "regularisation.max_tokens"} <= set(default.reference_deviations())
+    # the pair count is a deviation too, named per source: world pairs on synthetic contexts, generated elsewhere
+    assert default.reference_deviations()["pairs_per_context"] == \
+        "'100 (synthetic world), 20 (generated, other tasks)' (reference: 500)"
+    scaled = compose_config("+experiment=reference_selfparam", "model=tiny", "task=synthetic", "pairs_per_context=100")
+    assert build(scaled.method, "method", lm=tiny_lm).reference_deviations()["pairs_per_context"] == "100 (reference: 500)"
 
 
 def test_generated_pairs_are_unique_and_filtered_by_the_teacher(tiny_lm, tmp_path, monkeypatch):
