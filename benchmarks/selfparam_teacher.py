@@ -11,7 +11,14 @@ student that spread. This prints, over the task's training QA sentences ("Questi
 
 FT(S)'s target puts probability 1 on every gold token.
 
+`--pairs N` (N > 0) measures instead what SELF-PARAM's own teacher pass records per injection
+(`method_info.teacher_quality`): over every token of N unique world pairs per context, the share where the
+untouched model's argmax (reading the context) is the gold token, and the geometric-mean gold probability.
+A sequential run's teacher (`teacher: current`) is the updated model; this is the untouched model's value
+on the same contexts and pairs, the baseline its decline is read against.
+
     python benchmarks/selfparam_teacher.py                 # embedded Gemma 3 270M, the default synthetic task
+    python benchmarks/selfparam_teacher.py --pairs 100 --n-contexts 5   # the sequential task's 5 contexts
     python benchmarks/selfparam_teacher.py --model tiny
 """
 from __future__ import annotations
@@ -36,8 +43,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="embedded:gemma3-270m", help="a model path, or 'tiny'")
     parser.add_argument("--n-contexts", type=int, default=6)
+    parser.add_argument("--pairs", type=int, default=0, help="N > 0: SELF-PARAM's teacher_quality on N world pairs "
+                                                             "per context (the default method's sentences: 100)")
     args = parser.parse_args()
     lm = tiny_lm() if args.model == "tiny" else load_lm(args.model)
+    if args.pairs:
+        return teacher_quality(lm, args.n_contexts, args.pairs)
     task = SyntheticTask(n_contexts=args.n_contexts)
     with_context, without_context, prompts = [], [], []
     for item in (qa_item.knowledge for qa_item in task.items):
@@ -58,6 +69,20 @@ def main() -> None:
     print(f"p(answer) per token without context:           {per_token(student):.3f}")
     print(f"argmax = gold on every answer token (context):  {statistics.fmean(s.token_accuracy == 1.0 for s in teacher):.3f}")
     print(f"argmax = gold on every answer token (no ctx):   {statistics.fmean(s.token_accuracy == 1.0 for s in student):.3f}")
+
+
+def teacher_quality(lm, n_contexts: int, pairs: int) -> None:
+    """SELF-PARAM's teacher pass on the untouched model, QA sentences only, one context at a time."""
+    from methods.selfparam import SelfParam
+    from methods.sentences import AutoSentences, TaskSentences
+
+    method = SelfParam(lm, sentences=AutoSentences(TaskSentences(), n_pairs=pairs), continuation_per_sentence=0.0,
+                       regularisation_per_sentence=0.0)
+    for item in SyntheticTask(n_contexts=n_contexts).items:
+        method._teacher_cache(method._pairs(item.knowledge))  # appends to method.teacher_quality
+        quality = method.teacher_quality[-1]
+        print(f"{item.knowledge.id}: argmax = gold {quality['qa_token_acc']:.3f} of {quality['qa_tokens']} tokens, "
+              f"geometric-mean gold probability {quality['qa_token_prob']:.3f}")
 
 
 if __name__ == "__main__":
