@@ -47,7 +47,7 @@ from core.types import PositiveInt
 from core.types import Answer, DataError, Knowledge, Probe, ProbeSet, Step, TargetScore
 from metrics import qa, retention
 from metrics.uncertainty import mean_se
-from tasks.base import ProbeResult, Task
+from tasks.base import MetricSample, ProbeResult, Task
 from tasks.context_qa import ContextQATask, QAItem
 from tasks.side_effects import SideEffectProbes
 
@@ -209,6 +209,23 @@ class SequentialTask(Task):
         summaries = self._summaries(results)
         side_effects = self.side_effects.summarize(*self.side_effects.split(results))
         return {f"{key}_{self.metric}": float(np.mean(summaries[key])) for key in self.summary_keys} | side_effects
+
+    def metric_samples(self, results: Sequence[ProbeResult]) -> dict[str, MetricSample]:
+        """The per-probe samples (conflict and side-effect metrics), and for the retention summaries that are
+        means over questions their questions: `final` every question after the last injection, `first_final`
+        the first context's then, `efficacy` each context's right after its own injection. Their mean is the
+        summary when every context has as many questions (runners.results.metric_uncertainty checks it and
+        gives no interval otherwise); `auc` and `unseen` average over injections, so they get none."""
+        samples = super().metric_samples(results)
+        m, last = self.metric, self.length
+        picks = {f"final_{m}": lambda meta: meta["injections"] == last,
+                 f"first_final_{m}": lambda meta: meta["injections"] == last and meta["position"] == 0,
+                 f"efficacy_{m}": lambda meta: meta["injections"] == meta["position"] + 1}
+        retained = self.side_effects.split(results)[0]
+        for name, keep in picks.items():
+            chosen = [r for r in retained if keep(r.probe.meta)]
+            samples[name] = MetricSample([r.metrics[m] for r in chosen], [r.probe.query.id for r in chosen], "question")
+        return samples
 
     def metric_protocols(self, results: Sequence[ProbeResult] = ()) -> dict[str, str]:
         per_probe = qa.PROTOCOLS[self.metric]

@@ -268,6 +268,22 @@ def test_record_holds_R_step_columns_and_a_png(runs):
         "final_qa_f1", "first_final_qa_f1", "efficacy_qa_f1", "auc_qa_f1", "unseen_qa_f1"}
 
 
+def test_final_first_final_and_efficacy_get_intervals_over_their_questions(runs):
+    record, _ = runs["memory"]
+    uncertainty, r = record["metric_uncertainty"], matrices(record)
+    # 2 sequences x 3 contexts x 2 questions: final asks all 12 after the last injection, first_final the 4 of
+    # the first contexts, efficacy each context's 2 right after its injection (12)
+    assert {k: v["n_units"] for k, v in uncertainty.items() if k.endswith("qa_f1")} == {
+        "final_qa_f1": 12, "first_final_qa_f1": 4, "efficacy_qa_f1": 12}
+    assert all(v["unit"] == "question" for v in uncertainty.values())
+    low, high = uncertainty["final_qa_f1"]["ci95"]
+    assert record["metrics"]["final_qa_f1"] == pytest.approx(r[:, :, 3].mean())
+    assert low <= record["metrics"]["final_qa_f1"] <= high
+    assert uncertainty["final_qa_f1"]["se"] > 0  # the memorising method answers some questions, not others
+    # a retention AUC averages over injections, not questions: no interval rather than a wrong one
+    assert "auc_qa_f1" not in uncertainty and "unseen_qa_f1" not in uncertainty
+
+
 def test_ft_sentences_keeps_training_across_steps(tmp_path):
     data = copy_data(tmp_path / "copy.jsonl")
     # the filter off: the tiny reader's generated pairs are nonsense its own reading rejects (the filter has
