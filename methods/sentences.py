@@ -112,11 +112,11 @@ class _CachedGenerator(SentenceSource):
                               f"got {sentence_template!r}")
         self.n_sentences, self.sentence_template = n_sentences, sentence_template
         self.max_attempts, self.seed, self.min_answer_prob = max_attempts, seed, min_answer_prob
+        self.kept = self.generated = 0  # pairs kept by the teacher filter / unique pairs generated (last context)
 
     @property
     def pairs_per_context(self) -> int | str:
         return self.n_sentences
-        self.kept = self.generated = 0  # pairs kept by the teacher filter / unique pairs generated (last context)
 
     @abstractmethod
     def identity(self, lm: LM) -> dict[str, Any]:

@@ -189,6 +189,7 @@ def test_generated_pairs_are_unique_and_filtered_by_the_teacher(tiny_lm, tmp_pat
     assert len(questions) == len(set(questions))  # one pair per question
     strict = LocalGenerator(n_sentences=6, prompt=prompt, samples_per_attempt=6, max_attempts=2, max_question_tokens=12,
                             max_answer_tokens=6, min_answer_prob=0.5)
+    assert strict.kept == strict.generated == 0 and strict.pairs_per_context == 6  # counters exist before any call
     try:
         kept = strict(item, tiny_lm)
     except Exception as err:  # nothing passes the threshold: said so, never an empty training set
