@@ -18,8 +18,11 @@ functions train, score and generate that way. A row with k = 0 is the plain toke
 from __future__ import annotations
 
 import contextlib
+import copy
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -36,6 +39,24 @@ RowState = Callable[[list[int]], contextlib.AbstractContextManager]
 
 def _no_row_state(rows: list[int]) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
+
+
+@dataclass
+class PrefixCache:
+    """The attention keys/values of one token prefix, read once at batch size 1 (`LM.read_prefix`)."""
+
+    ids: tuple[int, ...]
+    cache: Any  # the model's cache object (a transformers `DynamicCache`)
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix that every sequence starts with (0 for no sequences)."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(map(len, sequences))
+    for other in sequences[1:]:
+        n = next((i for i in range(n) if other[i] != first[i]), n)
+    return n
 
 
 class _Captured(Exception):
@@ -310,14 +331,51 @@ class LM:
             input_ids.to(device), attention.to(device), target.to(device), positions, target_ids.to(device), lengths
         )
 
-    def target_logits(self, batch: TokenBatch) -> torch.Tensor:
+    def target_logits(self, batch: TokenBatch, prefix: PrefixCache | None = None) -> torch.Tensor:
         """fp32 logits predicting each target token, `[len(batch.target_ids), vocab]`, row-major.
 
         The head runs only on the positions that predict a target token, so memory scales with the
-        number of target tokens rather than batch × length × vocab.
+        number of target tokens rather than batch × length × vocab. With `prefix` every row reads
+        `prefix.ids` first, from its cached keys/values (`read_prefix`): the same logits as collating
+        `prefix.ids + row` (the attention sees the same keys; float rounding aside), for the tokens of
+        the rows only. The caller checks `fits_after_prefix` first; a row's target must not start it.
         """
-        hidden = self.causal_lm.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        decoder = self.causal_lm.get_decoder()
+        if prefix is None:
+            hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            return self._head(hidden, batch.predicted_mask, batch.positions)
+        rows = batch.input_ids.shape[0]
+        cache = copy.deepcopy(prefix.cache)  # the forward appends the rows' keys to it
+        cache.batch_repeat_interleave(rows)
+        seen = batch.attention_mask.new_ones((rows, len(prefix.ids)))
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=torch.cat([seen, batch.attention_mask], 1),
+                         use_cache=False, **{self._cache_argument(decoder): cache}).last_hidden_state
         return self._head(hidden, batch.predicted_mask, batch.positions)
+
+    @staticmethod
+    def _cache_argument(decoder: torch.nn.Module) -> str:
+        """transformers renamed `past_key_values` to `cache` (deprecated in 5.x); accept either release."""
+        return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+    @torch.inference_mode()
+    def read_prefix(self, ids: Sequence[int]) -> PrefixCache:
+        """Run the decoder once over `ids` (batch 1) and keep its keys/values for `target_logits(prefix=)`.
+
+        Only valid for the weights it was read with: a caller keeps it within one pass over fixed weights.
+        """
+        decoder = self.causal_lm.get_decoder()
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=self.device)
+        output = decoder(input_ids=input_ids, use_cache=True)
+        cache = getattr(output, "cache", None) or output.past_key_values
+        return PrefixCache(tuple(ids), cache)
+
+    def fits_after_prefix(self, prefix_length: int, width: int) -> bool:
+        """Whether rows of `width` tokens after a shared prefix fit without the cuts `collate` makes
+        (`max_length`) and inside the model's sliding attention window, when it has one (there a cached
+        prefix is exact only when every row still sees all of it)."""
+        window = getattr(self.causal_lm.config, "sliding_window", None)
+        total = prefix_length + width
+        return total <= self.max_length and (not window or total <= window)
 
     def _head(
         self, hidden: torch.Tensor, predicted_mask: torch.Tensor, positions: torch.Tensor | None = None

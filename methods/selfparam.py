@@ -24,7 +24,7 @@ Cheaper than the reference, same objective:
   - one copy of the weights: the teacher is the student's own weights at injection start (for a fresh
     adapter B = 0, so this is exactly the base model; `teacher: base` disables the adapter instead);
   - teacher distributions are computed once per injection, batched, under `torch.inference_mode()`,
-    and cached. With `teacher_top_k = k > 0` only the top-k log-probabilities per position and the
+    and cached; the context the rows of a batch share is read once and its keys/values reused. With `teacher_top_k = k > 0` only the top-k log-probabilities per position and the
     exact log-mass of the rest are kept, and the KL is taken on that k+1-way partition. By the
     log-sum inequality this never exceeds the full KL; the gap is p_rest · KL(P_t(·|rest) ‖ P_s(·|rest))
     (teacher mass outside the top k times the KL within it). `teacher_top_k: 0` keeps full rows;
@@ -46,7 +46,7 @@ import torch
 from core import general_text
 from core.cache import disk_cached, text_list
 from core.io import atomic_write_json, read_json, stable_hash
-from core.lm import LM
+from core.lm import LM, PrefixCache, common_prefix_length
 from core.options import ConfigError, as_dict, validate
 from core.training import reduce_loss
 from core.types import (
@@ -262,10 +262,22 @@ class SelfParam(FineTuneMethod):
         examples: list[DistillExample] = []
         self.cache_bytes = 0
         qa_hits, qa_logprob, qa_tokens = [], [], 0  # device tensors, summed once at the end (no sync per chunk)
+        shared: PrefixCache | None = None
         with self.weights.teacher_mode(use_base=self.teacher == "base"):
             for chunk in self.lm.batches(pairs, desc="teacher", size=self.teacher_batch_size):
-                batch = self.lm.collate([(teacher, target) for teacher, _, target, _, _ in chunk])
-                logprobs = torch.log_softmax(self.lm.target_logits(batch), dim=-1)
+                # the rows of a chunk start with the same context: it is read once, not once per row
+                teachers = [teacher for teacher, _, _, _, _ in chunk]
+                n = min(common_prefix_length(teachers), min(map(len, teachers)) - 1)  # each row keeps a token
+                width = max(len(t) + len(target) for t, _, target, _, _ in chunk) - n
+                if n > len(self.lm.start_ids) and self.lm.fits_after_prefix(n, width):
+                    if shared is None or shared.ids != tuple(teachers[0][:n]):
+                        shared = self.lm.read_prefix(teachers[0][:n])
+                    batch = self.lm.collate([(teacher[n:], target) for teacher, _, target, _, _ in chunk])
+                    logits = self.lm.target_logits(batch, prefix=shared)
+                else:
+                    batch = self.lm.collate([(teacher, target) for teacher, _, target, _, _ in chunk])
+                    logits = self.lm.target_logits(batch)
+                logprobs = torch.log_softmax(logits, dim=-1)
                 lengths = batch.target_lengths  # computed on the host while collating: no sync
                 if list(lengths) == [len(target) for _, _, target, _, _ in chunk]:  # no target truncated
                     gold = torch.tensor([t for _, _, target, _, _ in chunk for t in target], device=logprobs.device)

@@ -111,3 +111,50 @@ def test_module_inputs_capture_what_a_full_forward_sees_and_skip_the_layers_abov
     assert not ran or index == len(layers) - 1  # the layers above the last capture are not run
     with pytest.raises(Exception, match="never reached"):
         tiny_lm.module_inputs([torch.nn.Linear(2, 2)], ids)
+
+
+def _gemma3_lm(tiny_lm, sliding_window: int):
+    """A random tiny Gemma 3 (sliding and full attention layers, logit soft-capping) on the tiny tokenizer."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from core.lm import LM
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tiny_lm.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=sliding_window,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], final_logit_softcapping=30.0,
+        pad_token_id=tiny_lm.tokenizer.pad_token_id, bos_token_id=tiny_lm.tokenizer.bos_token_id,
+    )
+    return LM(Gemma3ForCausalLM(config), tiny_lm.tokenizer, name="tiny-gemma3")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_target_logits_after_a_cached_prefix_equal_reading_it_in_every_row(tiny_lm, family):
+    lm = tiny_lm if family == "llama" else _gemma3_lm(tiny_lm, sliding_window=512)
+    shared = lm.prompt_ids(PROMPT)  # rows of unequal length after it: padding must not leak into the cache
+    rows = [(lm.encode(" Where"), lm.encode(TARGET)), (lm.encode(" The river is"), lm.encode(" long and wide")),
+            (lm.encode(" ."), lm.encode(TARGET + " indeed"))]
+    plain = lm.target_logits(lm.collate([(shared + p, t) for p, t in rows]))
+    cached = lm.target_logits(lm.collate(rows), prefix=lm.read_prefix(shared))
+    assert cached.shape == plain.shape == (sum(len(t) for _, t in rows), len(lm.tokenizer))
+    assert torch.allclose(cached, plain, atol=1e-4)
+    assert not torch.allclose(cached, lm.target_logits(lm.collate(rows)), atol=1e-2)  # the prefix is read
+
+
+def test_a_cached_prefix_is_refused_past_the_sliding_window_or_max_length(tiny_lm):
+    lm = _gemma3_lm(tiny_lm, sliding_window=32)
+    assert lm.fits_after_prefix(20, 12) and not lm.fits_after_prefix(20, 13)
+    tiny_lm.max_length, kept = 40, tiny_lm.max_length
+    try:
+        assert tiny_lm.fits_after_prefix(30, 10) and not tiny_lm.fits_after_prefix(30, 11)
+    finally:
+        tiny_lm.max_length = kept
+
+
+def test_common_prefix_length():
+    from core.lm import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2], [3]]) == 0 and common_prefix_length([]) == 0
+    assert common_prefix_length([[4, 5, 6]]) == 3

@@ -202,3 +202,24 @@ def test_saved_state_restores_the_adapter_and_the_sampling_state(tiny_lm_factory
         assert torch.allclose(fresh_lm.model(prompt).logits, first_lm.model(prompt).logits, atol=1e-6)
     assert restored.rng.random() == method.rng.random()  # the next continuation cut is the same
     assert restored.losses == method.losses and restored.extra_storage_bytes() == method.extra_storage_bytes()
+
+
+def test_teacher_cache_reading_the_shared_context_once_equals_reading_it_in_every_row(tiny_lm, monkeypatch):
+    fact = Knowledge(id="fact", context=FACT.context, train_sentences=(
+        QUESTION + ANSWER + "\n", "Question: Where does Dropesdra lie?\nAnswer: in the hills\n",
+        "Question: What kind of place is Dropesdra?\nAnswer: a small town\n"))
+    method = make(tiny_lm, teacher_top_k=16, continuation_per_sentence=1.0, regularisation_per_sentence=1.0,
+                  regularisation={"source": "model", "n_texts": 4})
+    method.prepare([])
+    pairs = method._pairs(fact)
+    read = []
+    monkeypatch.setattr(tiny_lm, "read_prefix", lambda ids, real=tiny_lm.read_prefix: read.append(len(ids)) or real(ids))
+    shared = method._teacher_cache(pairs)
+    assert read and min(read) > len(tiny_lm.start_ids)  # the context (or a continuation's start) was shared
+    monkeypatch.setattr(tiny_lm, "fits_after_prefix", lambda *_: False)  # every row reads its whole prefix
+    plain = method._teacher_cache(pairs)
+    assert [e.kind for e in shared] == [e.kind for e in plain] and len(shared) == len(pairs)
+    for a, b in zip(shared, plain):
+        assert torch.equal(a.teacher_index, b.teacher_index)
+        assert torch.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4)
+        assert torch.allclose(a.teacher_rest, b.teacher_rest, atol=1e-4)
