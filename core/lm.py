@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from core.progress import progress
 from core.types import GenerationSpec, KBenchError, TargetScore
+
+log = logging.getLogger(__name__)
 
 # Per-batch state a method attaches to rows: called with the indices (into the caller's list) of the
 # rows of one batch, in batch order, and entered around every forward pass of that batch (prefill and
@@ -177,6 +180,26 @@ class LM:
                     "through get_decoder() / get_output_embeddings() / get_input_embeddings(); this model "
                     "family (or this transformers release) does something else there."
                 )
+        self.prefix_cache_ok = self._check_prefix_cache(ids, ours)
+
+    def _check_prefix_cache(self, ids: list[int], expected: torch.Tensor) -> bool:
+        """Whether a cached prefix (`read_prefix`) gives the logits of reading it in the row; where it does
+        not (a model family without a transformers cache), `fits_after_prefix` is False and callers read
+        every prefix in full: slower, the same numbers."""
+        try:
+            cached = self.target_logits(self.collate([(ids[1:2], ids[2:])]), prefix=self.read_prefix(ids[:1]))
+            scale = max(1.0, float(expected.abs().max()))
+            gap = float((cached.to(expected.device) - expected).abs().max()) / scale
+        except (TypeError, AttributeError, ValueError, RuntimeError) as error:
+            gap, why = float("inf"), f"{type(error).__name__}: {error}"
+        else:
+            why = f"logits differ by {gap:.2e} (relative)"
+        low_precision = next(self.causal_lm.parameters()).dtype in (torch.float16, torch.bfloat16)
+        if gap > (2e-2 if low_precision else 1e-4):
+            log.warning("%s (%s): a cached prefix does not reproduce reading it (%s); prefixes are re-read per row",
+                        type(self.causal_lm).__name__, self.name, why)
+            return False
+        return True
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The decoder's stack of layers (`model.model.layers` in Llama/Gemma/Mistral/Qwen); methods that
@@ -375,7 +398,7 @@ class LM:
         prefix is exact only when every row still sees all of it)."""
         window = getattr(self.causal_lm.config, "sliding_window", None)
         total = prefix_length + width
-        return total <= self.max_length and (not window or total <= window)
+        return self.prefix_cache_ok and total <= self.max_length and (not window or total <= window)
 
     def _head(
         self, hidden: torch.Tensor, predicted_mask: torch.Tensor, positions: torch.Tensor | None = None

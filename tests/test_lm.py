@@ -158,3 +158,15 @@ def test_common_prefix_length():
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
     assert common_prefix_length([[1, 2], [3]]) == 0 and common_prefix_length([]) == 0
     assert common_prefix_length([[4, 5, 6]]) == 3
+
+
+def test_a_model_whose_cache_cannot_be_reused_reads_every_prefix_in_full(tiny_lm, monkeypatch, caplog):
+    from core.lm import LM
+
+    assert tiny_lm.prefix_cache_ok and tiny_lm.fits_after_prefix(4, 4)
+    # a cache holding the wrong prefix, as a family whose cache is not reusable would: its logits differ
+    monkeypatch.setattr(LM, "read_prefix", lambda self, ids, real=LM.read_prefix: real(self, [i + 1 for i in ids]))
+    with caplog.at_level("WARNING"):
+        lm = LM(tiny_lm.model, tiny_lm.tokenizer, name="tiny")  # the load-time check finds it
+    assert not lm.prefix_cache_ok and not lm.fits_after_prefix(4, 4)
+    assert "prefixes are re-read per row" in caplog.text
