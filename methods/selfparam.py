@@ -277,21 +277,23 @@ class SelfParam(FineTuneMethod):
                 else:
                     batch = self.lm.collate([(teacher, target) for teacher, _, target, _, _ in chunk])
                     logits = self.lm.target_logits(batch)
-                logprobs = torch.log_softmax(logits, dim=-1)
+                # one logsumexp and one top-k over the 262k-wide rows; no V-wide copy (the logits are overwritten)
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                top, index = logits.topk(self.teacher_top_k, dim=-1) if self.teacher_top_k else (None, None)
                 lengths = batch.target_lengths  # computed on the host while collating: no sync
                 if list(lengths) == [len(target) for _, _, target, _, _ in chunk]:  # no target truncated
-                    gold = torch.tensor([t for _, _, target, _, _ in chunk for t in target], device=logprobs.device)
+                    gold = torch.tensor([t for _, _, target, _, _ in chunk for t in target], device=logits.device)
                     qa = torch.tensor([kind == "qa" for _, _, target, kind, _ in chunk for _ in target],
-                                      device=logprobs.device)
+                                      device=logits.device)
                     qa_tokens += sum(len(target) for _, _, target, kind, _ in chunk if kind == "qa")
-                    qa_logprob.append((logprobs.gather(1, gold[:, None]).squeeze(1) * qa).sum())
-                    qa_hits.append(((logprobs.argmax(-1) == gold) & qa).sum())
+                    qa_logprob.append(((logits.gather(1, gold[:, None]) - lse).squeeze(1) * qa).sum())
+                    argmax = index[:, 0] if index is not None else logits.argmax(-1)
+                    qa_hits.append(((argmax == gold) & qa).sum())
                 if self.teacher_top_k:
-                    top, index = logprobs.topk(self.teacher_top_k, dim=-1)
-                    rest = torch.logsumexp(logprobs.scatter(1, index, float("-inf")), dim=-1)
-                    parts = zip(top.split(lengths), index.split(lengths), rest.split(lengths))
+                    rest = torch.logsumexp(logits.scatter_(1, index, float("-inf")), dim=-1) - lse.squeeze(1)
+                    parts = zip((top - lse).split(lengths), index.split(lengths), rest.split(lengths))
                 else:  # full rows (V wide: ~1 MiB per token at Gemma's 262k) wait in host memory, not on the GPU
-                    parts = ((lp, None, None) for lp in logprobs.to("cpu").split(lengths))
+                    parts = ((lp, None, None) for lp in (logits - lse).to("cpu").split(lengths))
                 for (_, prefix, target, kind, group), (lp, ix, rs) in zip(chunk, parts):
                     examples.append(DistillExample((prefix, target), lp.clone(), _clone(ix), _clone(rs), kind, group))
                     self.cache_bytes += sum(t.numel() * t.element_size() for t in (lp, ix, rs) if t is not None)

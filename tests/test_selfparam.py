@@ -223,3 +223,12 @@ def test_teacher_cache_reading_the_shared_context_once_equals_reading_it_in_ever
         assert torch.equal(a.teacher_index, b.teacher_index)
         assert torch.allclose(a.teacher_logprobs, b.teacher_logprobs, atol=1e-4)
         assert torch.allclose(a.teacher_rest, b.teacher_rest, atol=1e-4)
+        # top-k and rest are one distribution: they sum to 1
+        assert torch.allclose(torch.logsumexp(torch.cat([a.teacher_logprobs, a.teacher_rest[:, None]], 1), 1),
+                              torch.zeros(len(a.teacher_rest)), atol=1e-4)
+    # and they are the top-k of the log-softmax of the teacher's logits, the rest its remaining mass
+    with torch.inference_mode():
+        reference = torch.log_softmax(tiny_lm.target_logits(tiny_lm.collate([(pairs[0][0], pairs[0][2])])), -1)
+    top, index = reference.topk(16, dim=-1)
+    assert torch.equal(plain[0].teacher_index, index) and torch.allclose(plain[0].teacher_logprobs, top, atol=1e-5)
+    assert torch.allclose(plain[0].teacher_rest, torch.logsumexp(reference.scatter(1, index, float("-inf")), -1), atol=1e-5)
