@@ -4,7 +4,7 @@
     python benchmarks/injection_cost.py --model tiny    # seconds; the ratios are then meaningless
 
 Defaults follow conf/method/selfparam.yaml: 100 unique pairs of the context (`--pairs`), one epoch,
-batch 4, lr 5e-4, the reference's LoRA (dropout 0.1, no o_proj).
+batch 4, lr 1e-4, the reference's LoRA (dropout 0.1, no o_proj).
 Arms (same LoRA, same sentences, same epochs / batch size / learning rate):
   ft_sentences      FT(S): cross-entropy on the sentences
   selfparam         kbench's SELF-PARAM on the same sentences (continuations and regularisation off, so the
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=100, help="unique QA pairs of the context (0: its 12 phrasings)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions per arm (median reported)")
     parser.add_argument("--no-reference-style", action="store_true")
     args = parser.parse_args()
