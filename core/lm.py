@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +60,11 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     for other in sequences[1:]:
         n = next((i for i in range(n) if other[i] != first[i]), n)
     return n
+
+
+def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| over max(1, max |b|), on a's device: how far a computation is from its reference."""
+    return float((a - b.to(a.device)).abs().max()) / max(1.0, float(b.abs().max()))
 
 
 class _Captured(Exception):
@@ -169,11 +174,9 @@ class LM:
         by_embeds = decoder(
             inputs_embeds=self.embed(batch.input_ids[0].tolist())[None], attention_mask=batch.attention_mask
         ).last_hidden_state.float()
-        low_precision = next(self.causal_lm.parameters()).dtype in (torch.float16, torch.bfloat16)
         for what, a, b in (("output-head logits", ours, expected), ("inputs_embeds hidden states", by_embeds, by_ids)):
-            scale = max(1.0, float(b.abs().max()))
-            gap = float((a - b.to(a.device)).abs().max()) / scale
-            if gap > (2e-2 if low_precision else 1e-4):
+            gap = _relative_gap(a, b)
+            if gap > self._check_tolerance():
                 raise KBenchError(
                     f"kbench cannot score {type(self.causal_lm).__name__} ({self.name}) faithfully: its {what} "
                     f"differ from the model's own forward by {gap:.2e} (relative). core/lm.py computes them "
@@ -188,18 +191,21 @@ class LM:
         every prefix in full: slower, the same numbers."""
         try:
             cached = self.target_logits(self.collate([(ids[1:2], ids[2:])]), prefix=self.read_prefix(ids[:1]))
-            scale = max(1.0, float(expected.abs().max()))
-            gap = float((cached.to(expected.device) - expected).abs().max()) / scale
+            gap = _relative_gap(cached, expected)
         except (TypeError, AttributeError, ValueError, RuntimeError) as error:
             gap, why = float("inf"), f"{type(error).__name__}: {error}"
         else:
             why = f"logits differ by {gap:.2e} (relative)"
-        low_precision = next(self.causal_lm.parameters()).dtype in (torch.float16, torch.bfloat16)
-        if gap > (2e-2 if low_precision else 1e-4):
+        if gap > self._check_tolerance():
             log.warning("%s (%s): a cached prefix does not reproduce reading it (%s); prefixes are re-read per row",
                         type(self.causal_lm).__name__, self.name, why)
             return False
         return True
+
+    def _check_tolerance(self) -> float:
+        """The largest relative gap the load-time checks accept: fp32 rounding, or half precision's."""
+        low_precision = next(self.causal_lm.parameters()).dtype in (torch.float16, torch.bfloat16)
+        return 2e-2 if low_precision else 1e-4
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         """The decoder's stack of layers (`model.model.layers` in Llama/Gemma/Mistral/Qwen); methods that

@@ -24,8 +24,9 @@ Cheaper than the reference, same objective:
   - one copy of the weights: the teacher is the student's own weights at injection start (for a fresh
     adapter B = 0, so this is exactly the base model; `teacher: base` disables the adapter instead);
   - teacher distributions are computed once per injection, batched, under `torch.inference_mode()`,
-    and cached; the context the rows of a batch share is read once and its keys/values reused. With `teacher_top_k = k > 0` only the top-k log-probabilities per position and the
-    exact log-mass of the rest are kept, and the KL is taken on that k+1-way partition. By the
+    and cached; the context the rows of a batch share is read once and its keys/values reused. With
+    `teacher_top_k = k > 0` only the top-k log-probabilities per position and the exact log-mass of the
+    rest are kept, and the KL is taken on that k+1-way partition. By the
     log-sum inequality this never exceeds the full KL; the gap is p_rest · KL(P_t(·|rest) ‖ P_s(·|rest))
     (teacher mass outside the top k times the KL within it). `teacher_top_k: 0` keeps full rows;
   - batched student steps with padding masks and gradient accumulation (`core.training.train`).
