@@ -62,7 +62,7 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+def relative_gap(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| over max(1, max |b|), on a's device: how far a computation is from its reference."""
     return float((a - b.to(a.device)).abs().max()) / max(1.0, float(b.abs().max()))
 
@@ -175,7 +175,7 @@ class LM:
             inputs_embeds=self.embed(batch.input_ids[0].tolist())[None], attention_mask=batch.attention_mask
         ).last_hidden_state.float()
         for what, a, b in (("output-head logits", ours, expected), ("inputs_embeds hidden states", by_embeds, by_ids)):
-            gap = _relative_gap(a, b)
+            gap = relative_gap(a, b)
             if gap > self._check_tolerance():
                 raise KBenchError(
                     f"kbench cannot score {type(self.causal_lm).__name__} ({self.name}) faithfully: its {what} "
@@ -191,7 +191,7 @@ class LM:
         every prefix in full: slower, the same numbers."""
         try:
             cached = self.target_logits(self.collate([(ids[1:2], ids[2:])]), prefix=self.read_prefix(ids[:1]))
-            gap = _relative_gap(cached, expected)
+            gap = relative_gap(cached, expected)
         except (TypeError, AttributeError, ValueError, RuntimeError) as error:
             gap, why = float("inf"), f"{type(error).__name__}: {error}"
         else:

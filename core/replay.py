@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from core.lm import relative_gap
 from core.types import KBenchError
 
 class FrozenPrefix:
@@ -58,7 +59,7 @@ class FrozenPrefix:
         with self.replay():
             result = compute()
         if full is not None:
-            gap = float((result.detach().float() - full).abs().max()) / max(1.0, float(full.abs().max()))
+            gap = relative_gap(result.detach().float(), full)
             if gap > 1e-3:
                 raise KBenchError(f"replaying the frozen layers below {self.index} changes the logits by {gap:.2e} "
                                   f"(relative) on {type(self.layers[0]).__name__}: this model family's decoder layers "
