@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,51 @@ def load_average() -> float | None:
         return None
 
 
-def machine_shared(parallel_jobs: int, max_load: float | None, cpus: int | None = None) -> bool:
+class LoadMonitor:
+    """The highest 1-minute load average over a run, sampled every `interval` seconds by a daemon thread.
+
+    Samples taken only between a run's steps miss other work that competes during a long injection (a test
+    suite started and finished inside one step left the samples under the threshold while it slowed that
+    step 3x), so the whole run is watched. `max` is None where the OS has no load average."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self.max: float | None = load_average()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        load = load_average()
+        if load is not None:
+            self.max = max(load, self.max or 0.0)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "LoadMonitor":
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="kbench-load", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.sample()
+
+
+def machine_shared(parallel_jobs: int, max_load: float | None, cpus: int | None = None) -> bool | None:
     """Whether a run's timings were taken on a machine it did not have alone: the launcher ran several jobs
     at once, or the 1-minute load average sampled during the run exceeded 1.5 × the CPU count (the run's
-    own threads account for at most about the CPU count; the rest is other work competing for the cores)."""
-    cpus = cpus or os.cpu_count() or 1
-    return parallel_jobs != 1 or (max_load is not None and max_load > 1.5 * cpus)
+    own threads account for at most about the CPU count; the rest is other work competing for the cores).
+    None when one job ran and no load was sampled (an OS without a load average): unknown, not "alone"."""
+    if parallel_jobs != 1:
+        return True
+    if max_load is None:
+        return None
+    return max_load > 1.5 * (cpus or os.cpu_count() or 1)
 
 
 def peaks(scope: str) -> dict[str, Any]:

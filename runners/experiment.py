@@ -72,8 +72,8 @@ class Experiment:
         `parallel_jobs` how many jobs the launcher runs at once on this machine (joblib's n_jobs)."""
         self.cfg = cfg
         self.parallel_jobs = parallel_jobs
-        self._cost = {"items": 0, "inject_s": 0.0, "queries": 0, "answer_s": 0.0,  # steps run in this process
-                      "max_load": cost.load_average()}
+        self._cost = {"items": 0, "inject_s": 0.0, "queries": 0, "answer_s": 0.0}  # steps run in this process
+        self._load = cost.LoadMonitor()
         self._rss_scope = "process"
         self.resume_from = Path(resume_from) if resume_from else None
         # read now: this run's own record may replace it (same folder) before it is used
@@ -100,7 +100,8 @@ class Experiment:
         self._write()
         started = time.perf_counter()
         try:
-            self._run()
+            with self._load:  # other work on the machine, watched for the whole run (cost.shared_machine)
+                self._run()
             self.record.status = "done"
             if not self.cfg.get("resume", {}).get("keep_checkpoints", False):
                 resume.remove_checkpoints(self.output_dir)
@@ -304,9 +305,9 @@ class Experiment:
             **cost.peaks(self._rss_scope),
             "extra_storage_bytes": method.extra_storage_bytes(),
             "parallel_jobs": self.parallel_jobs,
-            "max_load_average": None if c["max_load"] is None else round(c["max_load"], 2),
+            "max_load_average": None if self._load.max is None else round(self._load.max, 2),
             "cpu_count": os.cpu_count(),
-            "shared_machine": cost.machine_shared(self.parallel_jobs, c["max_load"]),
+            "shared_machine": cost.machine_shared(self.parallel_jobs, self._load.max),
         }
 
     def _run_step(self, method: Method, task: Task, step,
@@ -319,7 +320,7 @@ class Experiment:
         if step.knowledge:
             method.inject(step.knowledge)
         inject_s = time.perf_counter() - started
-        self._sample_load()
+        self._load.sample()
         self._cost["items"] += len(step.knowledge)
         self._cost["inject_s"] += inject_s
         self._count_truncation("inject", cut)
@@ -332,14 +333,8 @@ class Experiment:
             self._cost["queries"] += len(probe_set.probes)
             results += score_probe_set(task, step.index, probe_set, outputs, earlier)
         self._count_truncation("probes", cut)
-        self._sample_load()
+        self._load.sample()
         return results, inject_s, time.perf_counter() - started
-
-    def _sample_load(self) -> None:
-        """Keep the highest 1-minute load average seen (after each injection and each step's probes)."""
-        load = cost.load_average()
-        if load is not None:
-            self._cost["max_load"] = max(load, self._cost["max_load"] or 0.0)
 
     def _finish_logger(self) -> None:
         if self.wandb_run is None:

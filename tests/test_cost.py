@@ -38,7 +38,8 @@ def test_every_method_records_its_cost_on_the_tiny_model(method, tmp_path: Path)
 def test_a_busy_machine_is_shared_even_with_one_job():
     from core.cost import machine_shared
 
-    assert not machine_shared(1, 2.9, cpus=2) and not machine_shared(1, None, cpus=2)
+    assert machine_shared(1, 2.9, cpus=2) is False
+    assert machine_shared(1, None, cpus=2) is None  # no load sampled: unknown, never "alone"
     assert machine_shared(1, 3.1, cpus=2)      # more runnable threads than the run's own can account for
     assert machine_shared(2, 0.0, cpus=2)      # the launcher ran two jobs at once
 
@@ -53,3 +54,22 @@ def test_a_joblib_sweep_with_several_jobs_shares_the_machine():
     assert parallel_jobs(hydra(joblib, 2), multirun=False) == 1  # a single run is one job
     assert parallel_jobs(hydra("hydra._internal.core_plugins.basic_launcher.BasicLauncher"), multirun=True) == 1
     assert parallel_jobs(hydra(joblib, -1), multirun=True) >= 1
+
+
+def test_the_load_monitor_catches_competing_work_between_step_boundaries(monkeypatch):
+    """A burst of other work inside one long step (between the samples a run takes at its step
+    boundaries) must still mark the run as shared."""
+    import itertools
+    import time
+
+    import core.cost as cost
+
+    # the OS's load average, as another job starts and ends inside a step: 0.9 at the step's start, 3.6 while
+    # both run, 1.0 again at the step's end
+    readings = itertools.chain([0.9], itertools.repeat(3.6, 3), itertools.repeat(1.0))
+    monkeypatch.setattr(cost, "load_average", lambda: next(readings))
+    monitor = cost.LoadMonitor(interval=0.01)
+    with monitor:
+        time.sleep(0.2)
+    assert monitor.max == 3.6
+    assert cost.machine_shared(1, monitor.max, cpus=2) is True

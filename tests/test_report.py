@@ -343,7 +343,7 @@ def test_cost_table_shows_per_item_and_per_query_costs_and_overhead_over_base(tm
         write_run(directory, method, seed, {"qa_f1": 0.5})
         record = json.loads((directory / "record.json").read_text())
         record["cost"] = {"inject_seconds_per_item": 0.0, "peak_rss_bytes": 1_000_000_000, "extra_storage_bytes": 0,
-                          "parallel_jobs": 1} | cost
+                          "parallel_jobs": 1, "max_load_average": 0.5} | cost
         (directory / "record.json").write_text(json.dumps(record))
 
     with_cost(tmp_path / "b", "base", 0, answer_seconds_per_query=0.010)
@@ -360,6 +360,10 @@ def test_cost_table_shows_per_item_and_per_query_costs_and_overhead_over_base(tm
     assert rag["machine"] == "shared (n_jobs 2)" and rag["vs base ms/query"] == "– (machine differs)"
     assert "peak GPU" not in table.columns  # no CUDA run
     assert "### synthetic: cost" in report.render([tmp_path], cost=True)
+    # a record with no load sample cannot show that it had the machine alone
+    with_cost(tmp_path / "c0", "context", 0, answer_seconds_per_query=0.020, max_load_average=None)
+    table = report.cost_table(report.runs_frame(report.load_runs([tmp_path]).records), "synthetic").set_index("method")
+    assert table.loc["context", "machine"] == "unknown (no load sampled)"
 
 
 def test_plot_draws_editing_scores_along_the_stream(tmp_path):
