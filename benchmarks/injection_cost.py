@@ -3,9 +3,10 @@
     python benchmarks/injection_cost.py                 # embedded Gemma 3 270M, one synthetic context
     python benchmarks/injection_cost.py --model tiny    # seconds; the ratios are then meaningless
 
-Defaults follow conf/method/selfparam.yaml: 100 unique pairs of the context (`--pairs`), one epoch,
-batch 4, lr 1e-4, the reference's LoRA (dropout 0.1, no o_proj).
-Arms (same LoRA, same sentences, same epochs / batch size / learning rate):
+Both arms are built from conf/method/selfparam.yaml as Hydra composes it (`method=selfparam`): its LoRA,
+lr, epochs, batch size, weight decay, clipping, loss averaging and teacher cache; `--lr`, `--epochs`,
+`--batch-size` override them. The context gets 100 unique pairs (`--pairs`), the default's count.
+Arms (same LoRA, same sentences, same optimiser settings):
   ft_sentences      FT(S): cross-entropy on the sentences
   selfparam         kbench's SELF-PARAM on the same sentences (continuations and regularisation off, so the
                     data is identical): cached top-k teacher, one weight copy, batched steps
@@ -37,8 +38,22 @@ from methods.selfparam import SelfParam, distill_kl  # noqa: E402
 from methods.sentences import TaskSentences  # noqa: E402
 from tasks.synthetic import SyntheticTask  # noqa: E402
 
-LORA = {"r": 8, "alpha": 32, "dropout": 0.1,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]}
+CONF = Path(__file__).resolve().parent.parent / "conf"
+# the knobs FT(S) shares with SELF-PARAM's default (FineTuneMethod's), and SELF-PARAM's teacher cache
+TRAINING = ("update", "lr", "epochs", "batch_size", "grad_accum", "weight_decay", "max_grad_norm", "loss_average", "seed")
+TEACHER = ("teacher", "teacher_top_k", "teacher_batch_size")
+
+
+def default_method(**overrides: object) -> dict:
+    """conf/method/selfparam.yaml as `python run.py method=selfparam` resolves it (hardware=cpu, seed 0),
+    with `overrides` (None values ignored) on top."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=selfparam", "seed=0"])
+    method = OmegaConf.to_container(cfg.method, resolve=True)
+    return method | {k: v for k, v in overrides.items() if v is not None}
 
 
 class PeakRSS:
@@ -62,14 +77,14 @@ class PeakRSS:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def reference_style_inject(lm, sentences: list[str], context: str, epochs: int, lr: float) -> None:
+def reference_style_inject(lm, sentences: list[str], context: str, epochs: int, lr: float, lora: dict) -> None:
     """SELF-PARAM's objective with the reference's cost structure (deep-copied teacher, batch 1)."""
     from core.training import WeightUpdate
 
     teacher_model = copy.deepcopy(lm.model)  # the reference keeps the copy on a second GPU
     teacher_lm = copy.copy(lm)
     teacher_lm.model = teacher_model
-    weights = WeightUpdate(lm, lora=LORA, seed=0)
+    weights = WeightUpdate(lm, lora=lora, seed=0)
     params = weights.begin()
     context_ids = lm.context_ids(context)
     examples = [lm.encode(s) for s in sentences]
@@ -91,9 +106,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="embedded:gemma3-270m", help="embedded name, local path, or 'tiny'")
     parser.add_argument("--pairs", type=int, default=100, help="unique QA pairs of the context (0: its 12 phrasings)")
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the YAML's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the YAML's")
+    parser.add_argument("--lr", type=float, default=None, help="default: the YAML's")
     parser.add_argument("--repeats", type=int, default=2, help="timed repetitions per arm (median reported)")
     parser.add_argument("--no-reference-style", action="store_true")
     args = parser.parse_args()
@@ -102,15 +117,16 @@ def main() -> None:
     item = SyntheticTask(n_contexts=1, train_pairs_per_context=args.pairs).items[0]
     knowledge = item.knowledge
     sentences = list(knowledge.train_sentences)
-    common = dict(update={"mode": "lora", "lora": LORA}, lr=args.lr, epochs=args.epochs,
-                  batch_size=args.batch_size, seed=0)
+    method = default_method(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size)
+    common = {k: method[k] for k in TRAINING}
+    teacher = {k: method[k] for k in TEACHER}
     arms = {
         "ft_sentences": lambda: FineTuneSentences(lm, sentences=TaskSentences(), **common),
         "selfparam": lambda: SelfParam(lm, sentences=TaskSentences(), continuation_per_sentence=0.0,
-                                       regularisation_per_sentence=0.0, teacher_top_k=64, **common),
+                                       regularisation_per_sentence=0.0, **teacher, **common),
     }
-    print(f"model {lm.name}; {len(sentences)} sentences; epochs {args.epochs}; batch {args.batch_size}; "
-          f"threads {torch.get_num_threads()}")
+    print(f"model {lm.name}; {len(sentences)} sentences; threads {torch.get_num_threads()}; "
+          f"{', '.join(f'{k} {common[k]}' for k in TRAINING if k != 'update')}; {teacher}; lora {common['update']['lora']}")
     arms["ft_sentences"]().inject([knowledge])  # warm-up: allocator and kernels
     seconds: dict[str, list[float]] = {name: [] for name in arms}
     peaks: dict[str, list[int]] = {name: [] for name in arms}
@@ -128,7 +144,7 @@ def main() -> None:
         gc.collect()
         with PeakRSS() as rss:
             started = time.perf_counter()
-            reference_style_inject(lm, sentences, knowledge.context, args.epochs, args.lr)
+            reference_style_inject(lm, sentences, knowledge.context, common["epochs"], common["lr"], common["update"]["lora"])
             seconds["reference_style"] = [time.perf_counter() - started]
         peaks["reference_style"] = [rss.peak]
 
