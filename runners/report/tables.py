@@ -138,7 +138,10 @@ def cost_table(frame: pd.DataFrame, task: str, reference: str = "base") -> pd.Da
         why = [f"n_jobs {','.join(map(str, values))}"] if values != [1] else []
         if shared.any() and len(loads):
             why.append(f"load ≤ {loads.max():.1f}")
-        return f"shared ({'; '.join(why)})" if why else "alone"
+        if why:
+            return f"shared ({'; '.join(why)})"
+        # a record without a load sample (older records; an OS with no load average) cannot show it ran alone
+        return "alone" if len(loads) == len(runs) else "unknown (no load sampled)"
 
     rows = []
     for key, runs in grouped:
