@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import inspect
 import statistics
 import sys
 import threading
@@ -33,15 +34,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.models import load_lm, tiny_lm  # noqa: E402
 from core.training import train  # noqa: E402
-from methods.finetune import FineTuneSentences  # noqa: E402
+from methods.finetune import FineTuneMethod, FineTuneSentences  # noqa: E402
 from methods.selfparam import SelfParam, distill_kl  # noqa: E402
 from methods.sentences import TaskSentences  # noqa: E402
 from tasks.synthetic import SyntheticTask  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-# the knobs FT(S) shares with SELF-PARAM's default (FineTuneMethod's), and SELF-PARAM's teacher cache
-TRAINING = ("update", "lr", "epochs", "batch_size", "grad_accum", "weight_decay", "max_grad_norm", "loss_average", "seed")
-TEACHER = ("teacher", "teacher_top_k", "teacher_batch_size")
+# the knobs FT(S) shares with SELF-PARAM's default: every parameter of their common base class, read from its
+# signature so a knob added there is passed to both arms without a list here to drift
+TRAINING = tuple(name for name in inspect.signature(FineTuneMethod.__init__).parameters if name not in ("self", "lm"))
+TEACHER = ("teacher", "teacher_top_k", "teacher_batch_size")  # SELF-PARAM's teacher cache, as the default sets it
 
 
 def default_method(**overrides: object) -> dict:
