@@ -41,8 +41,11 @@ class LoraOptions(Options):
 
     r: PositiveInt = 8
     alpha: PositiveInt = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    target_modules: Annotated[list[NonEmptyStr], Field(min_length=1)] | NonEmptyStr = ["q_proj", "v_proj"]
+    # SELF-PARAM's reference adapter, shared by FT(C) / FT(S) / SELF-PARAM so they compare like for like
+    # (the values conf/method/{ft_context,ft_sentences,selfparam}.yaml give; tests/test_configs.py checks)
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    target_modules: Annotated[list[NonEmptyStr], Field(min_length=1)] | NonEmptyStr = [
+        "q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class UpdateOptions(Options):

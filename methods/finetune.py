@@ -130,8 +130,9 @@ class FineTuneSentences(FineTuneMethod):
 
     name = "ft_sentences"
 
-    def __init__(self, lm, sentences: SentenceSource, **knobs) -> None:
-        super().__init__(lm, **knobs)
+    def __init__(self, lm, sentences: SentenceSource, epochs: PositiveInt = 1, **knobs) -> None:
+        # epochs 1: each unique pair once, as SELF-PARAM (conf/method/ft_sentences.yaml)
+        super().__init__(lm, epochs=epochs, **knobs)
         self.sentences = sentences
 
     def training_examples(self, knowledge: Sequence[Knowledge]) -> list[Pair]:

@@ -66,7 +66,7 @@ class RegularisationOptions(Options):
     path: str | list[str] | None = list(general_text.WIKITEXT2)
     min_words: PositiveInt = 8  # WikiText sentences shorter than this (list fragments, captions) are skipped
     n_texts: PositiveInt = 32  # source=model: texts sampled once
-    max_tokens: PositiveInt = 32  # tokens per chunk (file) or per sample (model)
+    max_tokens: PositiveInt = 64  # tokens per chunk (file) or per sample (model); ref: 256
     temperature: PositiveFloat = 1.0
     seed: int = 0
 
@@ -136,9 +136,14 @@ class SelfParam(FineTuneMethod):
         context_on_regularisation: bool = True,
         interleave: bool = False,
         regularisation: RegularisationOptions = RegularisationOptions(),
+        lr: PositiveFloat = 1e-4,
+        epochs: PositiveInt = 1,
+        weight_decay: NonNegativeFloat = 0.01,
+        loss_average: Literal["token", "sentence"] = "sentence",
         **training,
     ) -> None:
-        super().__init__(lm, **training)
+        # the CPU default of conf/method/selfparam.yaml (reference values: `reference` above)
+        super().__init__(lm, lr=lr, epochs=epochs, weight_decay=weight_decay, loss_average=loss_average, **training)
         self.sentences = sentences
         self.teacher, self.teacher_top_k, self.teacher_batch_size = teacher, teacher_top_k, teacher_batch_size
         self.continuation_per_sentence, self.regularisation_per_sentence = continuation_per_sentence, regularisation_per_sentence

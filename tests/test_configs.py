@@ -5,6 +5,8 @@ with `model=tiny` and passes the checks a run makes before loading anything (`ru
 every value against its target's type hints, unknown keys refused); each method is then instantiated once
 on one tiny LM, and each task once, with the project's own builder (`runners.build.build`). Nothing is
 run. The YAMLs are listed when the tests are collected, so a config added by anyone is checked too.
+A method built directly (`SelfParam(lm, sentences)` in a script) must be the method its YAML runs: each
+class default equals the value its `conf/method/*.yaml` sets.
 
 Configs that read `../shared` data (through `${oc.env:KBENCH_DATA,...}`) are built with KBENCH_DATA
 pointing at the shared folder: missing it fails in CI and skips elsewhere (tests/conftest.py, shared_dir).
@@ -17,9 +19,11 @@ from collections.abc import Iterator
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel
 
-from runners.build import build, check_run
+from runners.build import _init_parameters, build, check_run
 from tests.conftest import CONF, SHARED
 
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -80,3 +84,28 @@ def test_every_task_builds(configs, task, request):
     if reads_shared_data(cfg.task):
         request.getfixturevalue("shared_dir")
     assert build(cfg.task, "task").steps  # a Task (its data is read when steps are asked for: not here)
+
+
+def default_drift(value, default, key: str) -> list[str]:
+    """Where a composed YAML value differs from a class default, as "key: yaml X, class Y" lines.
+    Option groups (pydantic models, dicts) are compared key by key; values read from the environment
+    (`${oc.env:...}`) and None defaults (resolved by the class itself) are not comparable and skipped."""
+    if isinstance(default, BaseModel):
+        default = default.model_dump()
+    if isinstance(value, dict) and isinstance(default, dict):
+        return [line for k, v in value.items() if k in default for line in default_drift(v, default[k], f"{key}.{k}")]
+    if default is None or "${" in json.dumps(value, default=str):
+        return []
+    if isinstance(default, tuple):
+        default = list(default)
+    return [] if value == default else [f"{key}: yaml {value!r}, class {default!r}"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_method_built_directly_has_the_defaults_of_its_yaml(configs, method):
+    node = OmegaConf.to_container(composed(f"method={method}").method, resolve=False)
+    parameters, _ = _init_parameters(get_class(node["_target_"]))
+    drift = [line for key, value in node.items() if key in parameters
+             for line in default_drift(value, parameters[key].default, key)
+             if parameters[key].default is not parameters[key].empty]
+    assert not drift, f"conf/method/{method}.yaml and {node['_target_']} disagree: " + "; ".join(drift)

@@ -72,8 +72,8 @@ class Recipe(RecipeTraining, Method):
         sentinel_tokens: PositiveInt = 10,
         head_init: Literal["random", "shared_projection"] = "random",
         standardise: bool = False,
-        lr: PositiveFloat = 1e-5,
-        epochs: NonNegativeInt = 1000,
+        lr: PositiveFloat = 1e-4,  # the CPU default (conf/method/recipe.yaml); `reference`: 1e-5
+        epochs: NonNegativeInt = 1,  # reference: 1000
         retrieval_epochs: NonNegativeInt = 0,
         batch_size: PositiveInt = 8,
         weight_decay: NonNegativeFloat = 0.0,
