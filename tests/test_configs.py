@@ -105,7 +105,7 @@ def default_drift(value, default, key: str) -> list[str]:
 def test_a_method_built_directly_has_the_defaults_of_its_yaml(configs, method):
     node = OmegaConf.to_container(composed(f"method={method}").method, resolve=False)
     parameters, _ = _init_parameters(get_class(node["_target_"]))
-    drift = [line for key, value in node.items() if key in parameters
-             for line in default_drift(value, parameters[key].default, key)
-             if parameters[key].default is not parameters[key].empty]
+    drift = [line for key, value in node.items()
+             if key in parameters and parameters[key].default is not parameters[key].empty
+             for line in default_drift(value, parameters[key].default, key)]
     assert not drift, f"conf/method/{method}.yaml and {node['_target_']} disagree: " + "; ".join(drift)
