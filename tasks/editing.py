@@ -17,7 +17,8 @@ The contract with methods (RECIPE and MEMOIR rely on it) — each edit is one `K
 Protocols (every metric name starts with its protocol, see `metric_protocols`):
 - step 0 (`pre_edit`): before any edit, the locality prompts are scored teacher-forced on their answers;
   their argmax tokens are the pre-edit reference locality compares with (read from the earlier results
-  passed to `process_results`, no state kept).
+  passed to `process_results`, no state kept). With `generate`, their greedy answers are also kept:
+  generated locality (`locality_gen`) is the share of locality prompts whose answer the edits left unchanged.
 - `sequential` (default): T edits are injected one per step without reset; after the last one every
   edit is scored once (`after_all/...`: the WISE / retention protocol; EasyEdit's `sequential_edit`
   flag has meant different things over time, so kbench names the protocol in each metric).
@@ -47,6 +48,8 @@ from tasks.edit_data import Edit, generate_synthetic_edits, load_counterfact, lo
 PROTOCOLS = ("sequential", "single")
 PREFIX = {"sequential": "after_all", "single": "single"}
 PRE_EDIT = "pre_edit/locality_reference"
+PRE_EDIT_GEN = "pre_edit/locality_generation"  # the greedy answers generated locality compares with
+PRE_EDIT_SETS = (PRE_EDIT, PRE_EDIT_GEN)
 
 
 class EditProbe(StrEnum):
@@ -59,6 +62,8 @@ class EditProbe(StrEnum):
     LOCALITY = "editing/locality"
     RELIABILITY_GEN = "editing/reliability_gen"
     GENERALITY_GEN = "editing/generality_gen"
+    PRE_EDIT_GEN = "editing/pre_edit_gen"
+    LOCALITY_GEN = "editing/locality_gen"
 
 STREAM = "stream"  # prefix of the probe sets and metrics scored along the edit stream (task.score_every)
 STREAM_PLOT = "stream.png"
@@ -186,9 +191,11 @@ class EditingTask(Task):
         query = Query(id=f"{edit.id}/{key}", prompt=self.render(prompt), context=context)
         return Probe(query=query, answers=(answer,), knowledge_id=edit.id, meta={"position": position, **meta})
 
-    def _locality_probes(self, edits: Sequence[Edit], start: int, with_edit_in_view: bool) -> list[Probe]:
+    def _locality_probes(self, edits: Sequence[Edit], start: int, with_edit_in_view: bool,
+                         generated: bool = False) -> list[Probe]:
+        """One probe per locality prompt; its answer is teacher-forced (with the separator) unless `generated`."""
         return [
-            self._probe(e, start + i, f"loc{j}", prompt, self.target(answer),
+            self._probe(e, start + i, f"loc{j}", prompt, answer if generated else self.target(answer),
                         self.knowledge(e).context if with_edit_in_view else "", kind=kind)
             for i, e in enumerate(edits)
             for j, (prompt, answer, kind) in enumerate(zip(e.locality_prompts, e.locality_answers, e.locality_kinds))
@@ -216,6 +223,8 @@ class EditingTask(Task):
                          generation=self.generation, scorer=EditProbe.RELIABILITY_GEN),
                 ProbeSet(f"{p}/generality_gen", [self._probe(e, n, k, q, e.target_new, c) for e, n, k, q, c in rephrase],
                          generation=self.generation, scorer=EditProbe.GENERALITY_GEN),
+                ProbeSet(f"{p}/locality_gen", self._locality_probes(edits, start, with_edit_in_view=True, generated=True),
+                         generation=self.generation, scorer=EditProbe.LOCALITY_GEN),
             ]
         return [s for s in sets if s.probes]
 
@@ -224,7 +233,11 @@ class EditingTask(Task):
         # No edit is in view before editing: the reference queries carry an empty context.
         reference = ProbeSet(PRE_EDIT, self._locality_probes(edits, 0, with_edit_in_view=False),
                              output_type="loglikelihood", scorer=EditProbe.PRE_EDIT)
-        steps = [Step(index=0, knowledge=[], probe_sets=[reference] if reference.probes else [], label="pre-edit")]
+        references = [reference]
+        if self.generate:  # the unedited model's greedy answers, which generated locality compares with
+            references.append(ProbeSet(PRE_EDIT_GEN, self._locality_probes(edits, 0, False, generated=True),
+                                       generation=self.generation, scorer=EditProbe.PRE_EDIT_GEN))
+        steps = [Step(index=0, knowledge=[], probe_sets=[r for r in references if r.probes], label="pre-edit")]
         if self.protocol == "sequential":
             # with score_every=k, every edit injected so far is scored after edits k, 2k, ... (stream/...)
             steps += [Step(index=i + 1, knowledge=[self.knowledge(e)], label=e.id,
@@ -244,7 +257,8 @@ class EditingTask(Task):
     def process_results(self, probe_set: ProbeSet, outputs: Sequence[Answer | TargetScore],
               earlier: Sequence[ProbeResult] = ()) -> list[dict[str, float]]:
         """Per-probe metrics by the set's kind (`EditProbe`); locality compares with the pre-edit pass's
-        argmax tokens, read from `earlier` (KBenchError when the pre-edit step is not among them)."""
+        argmax tokens, generated locality with its greedy answers, both read from `earlier` (KBenchError when
+        the pre-edit step is not among them)."""
         try:
             kind = EditProbe(probe_set.scorer)
         except ValueError:
@@ -256,6 +270,21 @@ class EditingTask(Task):
             for probe, output in pairs:
                 editing_metrics.argmax_ids(output, probe.query.id)  # refused now, not when locality compares with it
             return [{"pre_edit/locality_answer_tf": output.token_accuracy} for output in outputs]
+        if kind is EditProbe.PRE_EDIT_GEN:
+            return [{"pre_edit/locality_answer_em": editing_metrics.generated_scores(output.text, probe.answers[0])["em"]}
+                    for probe, output in pairs]
+        if kind is EditProbe.LOCALITY_GEN:
+            pre_edit = {r.probe.query.id: r.output.text for r in earlier
+                        if r.probe_set == PRE_EDIT_GEN and isinstance(r.output, Answer)}
+            several_kinds = len(self.locality_kinds()) > 1
+            scores = []
+            for probe, output in pairs:
+                if probe.query.id not in pre_edit:
+                    raise KBenchError(f"no pre-edit generation for {probe.query.id!r}: the pre-edit step must run first")
+                value = editing_metrics.generated_scores(output.text, pre_edit[probe.query.id])["em"]
+                per_kind = {f"{prefix}/locality_gen_{probe.meta['kind']}": value} if several_kinds else {}
+                scores.append({f"{prefix}/locality_gen": value} | per_kind)
+            return scores
         if kind is EditProbe.LOCALITY:
             pre_edit = {r.probe.query.id: r.output for r in earlier if r.probe_set == PRE_EDIT}
             several_kinds = len(self.locality_kinds()) > 1
@@ -333,6 +362,14 @@ class EditingTask(Task):
             for name, prompts in (("reliability", "the edit prompt"), ("generality", "each rephrased prompt")):
                 protocols[f"{p}/{name}_em"] = f"generate/squad-exact-match of the greedy answer to {prompts} vs target_new{tail}"
                 protocols[f"{p}/{name}_f1"] = f"generate/squad-token-f1 of the greedy answer to {prompts} vs target_new{tail}"
+            gen_loc = ("generate/squad-exact-match of the greedy answer to each locality prompt vs the same prompt's "
+                       "greedy answer before any edit (1 = unchanged)")
+            protocols[f"{p}/locality_gen"] = f"{gen_loc}, all locality prompts{tail}"
+            if len(self.locality_kinds()) > 1:
+                protocols |= {f"{p}/locality_gen_{k}": f"{gen_loc}, locality prompts of kind {k!r}{tail}"
+                              for k in self.locality_kinds()}
+            protocols["pre_edit/locality_answer_em"] = ("generate/squad-exact-match of the greedy answer to each locality "
+                                                        "prompt vs its answer before any edit (the pre-edit reference pass)")
         return protocols
 
     # ------------------------------------------------------------------ reporting
@@ -343,7 +380,7 @@ class EditingTask(Task):
         stream = self._stream(results, Path(output_dir)) if self.score_every else None
         per_edit: dict[str, dict[str, Any]] = {}
         for result in _final(results):
-            if result.probe_set == PRE_EDIT:
+            if result.probe_set in PRE_EDIT_SETS:
                 continue
             row = per_edit.setdefault(result.probe.knowledge_id, {"edit": result.probe.knowledge_id,
                                                                   "position": result.probe.meta["position"]})
@@ -391,7 +428,7 @@ class EditingTask(Task):
         position = {e.id: i for i, e in enumerate(self.edits)}
         values: dict[str, dict[int, dict[str, list[float]]]] = {}  # metric -> row -> edit -> values
         for result in results:
-            if result.probe_set == PRE_EDIT or result.step not in row_of_step:
+            if result.probe_set in PRE_EDIT_SETS or result.step not in row_of_step:
                 continue
             for name, value in result.metrics.items():
                 family = name.split("/", 1)[1]
@@ -452,7 +489,7 @@ def plot_stream(matrices: dict[str, list[list[float | None]]], curves: dict[str,
     FigureCanvasAgg(figure)
     axes = figure.subplots(1, 1 + len(heat), squeeze=False)[0]
     for name, curve in curves.items():
-        if not name.startswith("locality_"):
+        if not name.startswith("locality_") or name == "locality_gen":  # per-kind curves stay off the plot
             axes[0].plot(checkpoints, [np.nan if v is None else v for v in curve], "o-", label=name)
     axes[0].set(xlabel="edits injected", ylabel="macro-average over injected edits", ylim=(-0.02, 1.02),
                 title="scores along the edit stream")

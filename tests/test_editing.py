@@ -11,7 +11,7 @@ from runners.experiment import Experiment
 from runners.results import score_probe_set
 from tasks.base import ProbeResult
 from tasks.edit_data import generate_synthetic_edits, load_counterfact, load_zsre
-from tasks.editing import PRE_EDIT, EditingTask
+from tasks.editing import PRE_EDIT, PRE_EDIT_GEN, EditingTask
 from tests.conftest import compose_config, read_record
 
 ZSRE = [
@@ -158,13 +158,32 @@ def test_locality_compares_post_edit_with_pre_edit_argmax_tokens(tmp_path):
                       {"after_all/reliability_em": 0.0, "after_all/reliability_f1": pytest.approx(2 / 3)}]
 
 
+def test_generated_locality_compares_post_edit_with_pre_edit_generations(tmp_path):
+    task = EditingTask(source="counterfact", path=str(write_json(tmp_path / "cf.json", COUNTERFACT)), n_edits=2, n_train=0)
+    steps = task.steps()
+    pre = {s.name: s for s in steps[0].probe_sets}[PRE_EDIT_GEN]
+    post = {s.name: s for s in steps[-1].probe_sets}["after_all/locality_gen"]
+    assert [p.answers[0] for p in pre.probes] == ["French", "guitar"]  # raw answers: generations have no separator
+    assert all(p.query.context == "" for p in pre.probes) and [p.query.id for p in pre.probes] == [p.query.id for p in post.probes]
+    pre_results = score_probe_set(task, 0, pre, [Answer("French."), Answer("the bass")])
+    assert [r.metrics for r in pre_results] == [{"pre_edit/locality_answer_em": 1.0}, {"pre_edit/locality_answer_em": 0.0}]
+    with pytest.raises(KBenchError, match="pre-edit step must run first"):
+        task.process_results(post, [Answer("French"), Answer("the bass")])
+    # edit cf-0's locality answer unchanged (SQuAD-normalised), cf-7's changed although it is now right
+    scored = task.process_results(post, [Answer("french"), Answer("guitar")], pre_results)
+    assert scored == [{"after_all/locality_gen": 1.0}, {"after_all/locality_gen": 0.0}]
+    assert "after_all/locality_gen" in task.metric_protocols() and "pre_edit/locality_answer_em" in task.metric_protocols()
+    assert not any(s.name.endswith("locality_gen") for s in EditingTask(n_edits=1, n_train=0, generate=False).steps()[-1].probe_sets)
+
+
 def test_sequential_protocol_scores_everything_after_the_last_edit_and_single_resets():
     sequential = EditingTask(n_edits=3, n_train=0, general_questions=[["Q?", "A"]]).steps()
     assert [s.label for s in sequential] == ["pre-edit", *[f"syn-edit0-{i}" for i in range(3)], "after all 3 edits"]
     assert all(not s.probe_sets and len(s.knowledge) == 1 and not s.reset_before for s in sequential[1:4])
     final = {s.name: len(s.probes) for s in sequential[-1].probe_sets}
     assert final == {"after_all/reliability_tf": 3, "after_all/generality_tf": 9, "after_all/locality": 6,
-                     "after_all/reliability_gen": 3, "after_all/generality_gen": 9}
+                     "after_all/reliability_gen": 3, "after_all/generality_gen": 9, "after_all/locality_gen": 6}
+    assert [s.name for s in sequential[0].probe_sets] == [PRE_EDIT, PRE_EDIT_GEN]
     single = EditingTask(n_edits=3, n_train=0, protocol="single", generate=False, general_questions=[]).steps()
     assert len(single) == 4 and all(s.reset_before and len(s.knowledge) == 1 for s in single[1:])
     assert {s.name for s in single[2].probe_sets} == {"single/reliability_tf", "single/generality_tf", "single/locality"}
@@ -208,6 +227,7 @@ def test_base_method_keeps_locality_at_one_and_writes_the_record(tmp_path):
     record = read_record(tmp_path)
     assert record["status"] == "done"
     assert record["metrics"]["after_all/locality"] == 1.0  # an untouched model agrees with itself
+    assert record["metrics"]["after_all/locality_gen"] == 1.0  # and greedy decoding repeats itself
     assert set(record["metric_protocols"]) == set(record["metrics"])
     assert len(record["steps"]) == 5 and record["task_report"]["n_edits"] == 3
     assert record["method_info"]["task"]["n_train_edits"] == 100
