@@ -183,23 +183,33 @@ def _weight_files(folder: Path, allow_pickle: bool, name: str, recursive: bool =
     return pickles
 
 
+def _model_source(name_or_path: str) -> tuple[str | Path, str | None]:
+    """Where `name_or_path` loads from: an embedded package's converted folder, a local folder, or a hub id
+    (then also why the hub is unreachable, or None). KBenchError for a local path that does not exist."""
+    if name_or_path in EMBEDDED_MODELS:
+        return materialise_embedded(name_or_path), None
+    source = Path(name_or_path).expanduser()
+    if name_or_path.startswith(("/", ".", "~")) or source.exists():
+        if not source.is_dir():
+            raise KBenchError(f"model path does not exist: {source}. {HOW_TO_GET_A_MODEL}")
+        return source, None
+    return name_or_path, hub_unreachable()  # a hub id; works when the hub or its local cache is reachable
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model as `load_pretrained` finds it, without loading the weights."""
+    source, offline_reason = _model_source(name_or_path)
+    hub = {"local_files_only": True} if offline_reason else {}
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **hub)
+
+
 def load_pretrained(
     name_or_path: str, dtype: str, device: str, trust_remote_code: bool, allow_pickle: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer from a local folder, an embedded package, or the hub.
     Weights are read from safetensors only, unless `allow_pickle` (warned); a hub id is tried only
     when the hub is reachable, else from the local hub cache alone, failing at once if it is not there."""
-    offline_reason = None
-    if name_or_path in EMBEDDED_MODELS:
-        source: str | Path = materialise_embedded(name_or_path)
-    else:
-        source = Path(name_or_path).expanduser()
-        looks_local = name_or_path.startswith(("/", ".", "~")) or source.exists()
-        if looks_local and not source.is_dir():
-            raise KBenchError(f"model path does not exist: {source}. {HOW_TO_GET_A_MODEL}")
-        if not looks_local:
-            source = name_or_path  # a hub id; works when the hub or its local cache is reachable
-            offline_reason = hub_unreachable()
+    source, offline_reason = _model_source(name_or_path)
     if isinstance(source, Path):
         for weights in _weight_files(source, allow_pickle, name_or_path):
             note_input(weights)  # other weights in the same folder: another run (runners/resume.py)

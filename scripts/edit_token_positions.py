@@ -20,22 +20,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from core.models import EMBEDDED_MODELS, materialise_embedded  # noqa: E402
 from core.io import read_jsonl  # noqa: E402
-
-
-def tokenizer_of(record: dict):
-    from transformers import AutoTokenizer
-
-    name = record["config"]["model"]["name_or_path"]
-    folder = materialise_embedded(name) if name in EMBEDDED_MODELS else name
-    return AutoTokenizer.from_pretrained(folder)
+from core.models import load_tokenizer  # noqa: E402
 
 
 def positions(run: Path, sets: list[str]) -> dict[str, dict]:
     """Per probe set: {"k": [hits, total] by position bucket, "skipped": n}."""
     record = json.loads((run / "record.json").read_text())
-    tokenizer = tokenizer_of(record)
+    model = record["config"]["model"]
+    tokenizer = load_tokenizer(model["name_or_path"], model.get("trust_remote_code", False))
     out: dict[str, dict] = {}
     for row in read_jsonl(run / "predictions.jsonl"):
         name = row["probe_set"].split("/", 1)[-1]

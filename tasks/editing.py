@@ -235,7 +235,7 @@ class EditingTask(Task):
                              output_type="loglikelihood", scorer=EditProbe.PRE_EDIT)
         references = [reference]
         if self.generate:  # the unedited model's greedy answers, which generated locality compares with
-            references.append(ProbeSet(PRE_EDIT_GEN, self._locality_probes(edits, 0, False, generated=True),
+            references.append(ProbeSet(PRE_EDIT_GEN, self._locality_probes(edits, 0, with_edit_in_view=False, generated=True),
                                        generation=self.generation, scorer=EditProbe.PRE_EDIT_GEN))
         steps = [Step(index=0, knowledge=[], probe_sets=[r for r in references if r.probes], label="pre-edit")]
         if self.protocol == "sequential":
@@ -273,30 +273,21 @@ class EditingTask(Task):
         if kind is EditProbe.PRE_EDIT_GEN:
             return [{"pre_edit/locality_answer_em": editing_metrics.generated_scores(output.text, probe.answers[0])["em"]}
                     for probe, output in pairs]
-        if kind is EditProbe.LOCALITY_GEN:
-            pre_edit = {r.probe.query.id: r.output.text for r in earlier
-                        if r.probe_set == PRE_EDIT_GEN and isinstance(r.output, Answer)}
-            several_kinds = len(self.locality_kinds()) > 1
-            scores = []
-            for probe, output in pairs:
-                if probe.query.id not in pre_edit:
-                    raise KBenchError(f"no pre-edit generation for {probe.query.id!r}: the pre-edit step must run first")
-                value = editing_metrics.generated_scores(output.text, pre_edit[probe.query.id])["em"]
-                per_kind = {f"{prefix}/locality_gen_{probe.meta['kind']}": value} if several_kinds else {}
-                scores.append({f"{prefix}/locality_gen": value} | per_kind)
-            return scores
-        if kind is EditProbe.LOCALITY:
-            pre_edit = {r.probe.query.id: r.output for r in earlier if r.probe_set == PRE_EDIT}
+        if kind in (EditProbe.LOCALITY, EditProbe.LOCALITY_GEN):
+            generated = kind is EditProbe.LOCALITY_GEN
+            reference_set, name = (PRE_EDIT_GEN, "locality_gen") if generated else (PRE_EDIT, "locality")
+            pre_edit = {r.probe.query.id: r.output for r in earlier if r.probe_set == reference_set}
             several_kinds = len(self.locality_kinds()) > 1
             scores = []
             for probe, output in pairs:
                 if probe.query.id not in pre_edit:
                     raise KBenchError(f"no pre-edit reference for {probe.query.id!r}: the pre-edit step must run first")
-                value = editing_metrics.locality_agreement(
-                    editing_metrics.argmax_ids(pre_edit[probe.query.id], probe.query.id),
-                    editing_metrics.argmax_ids(output, probe.query.id))
-                per_kind = {f"{prefix}/locality_{probe.meta['kind']}": value} if several_kinds else {}
-                scores.append({f"{prefix}/locality": value} | per_kind)
+                before = pre_edit[probe.query.id]
+                value = (editing_metrics.generated_scores(output.text, before.text)["em"] if generated else
+                         editing_metrics.locality_agreement(editing_metrics.argmax_ids(before, probe.query.id),
+                                                            editing_metrics.argmax_ids(output, probe.query.id)))
+                per_kind = {f"{prefix}/{name}_{probe.meta['kind']}": value} if several_kinds else {}
+                scores.append({f"{prefix}/{name}": value} | per_kind)
             return scores
         if kind in (EditProbe.RELIABILITY_TF, EditProbe.GENERALITY_TF):
             return [{f"{prefix}/{measure}": output.token_accuracy} for output in outputs]
