@@ -74,16 +74,26 @@ class LoadMonitor:
         self.sample()
 
 
-def machine_shared(parallel_jobs: int, max_load: float | None, cpus: int | None = None) -> bool | None:
+def machine_shared(parallel_jobs: int, max_load: float | None, cpus: int | None = None,
+                   threads: int | None = None) -> bool | None:
     """Whether a run's timings were taken on a machine it did not have alone: the launcher ran several jobs
-    at once, or the 1-minute load average sampled during the run exceeded 1.5 × the CPU count (the run's
-    own threads account for at most about the CPU count; the rest is other work competing for the cores).
+    at once, or the 1-minute load average sampled during the run exceeded the run's own compute threads
+    (`threads`, torch's intra-op count; default: the CPU count, torch's default) by more than half the CPU
+    count (the rest is other work competing for the cores; with every core its own, 1.5 × the CPU count).
     None when one job ran and no load was sampled (an OS without a load average): unknown, not "alone"."""
     if parallel_jobs != 1:
         return True
     if max_load is None:
         return None
-    return max_load > 1.5 * (cpus or os.cpu_count() or 1)
+    cpus = cpus or os.cpu_count() or 1
+    return max_load > (threads or cpus) + 0.5 * cpus
+
+
+def torch_threads() -> int | None:
+    """torch's intra-op thread count (`torch.get_num_threads()`: OMP_NUM_THREADS or torch.set_num_threads,
+    else the CPU count), the parallelism CPU timings were taken with; None when torch was never imported."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else int(torch.get_num_threads())
 
 
 def peaks(scope: str) -> dict[str, Any]:

@@ -307,7 +307,8 @@ class Experiment:
             "parallel_jobs": self.parallel_jobs,
             "max_load_average": None if self._load.max is None else round(self._load.max, 2),
             "cpu_count": os.cpu_count(),
-            "shared_machine": cost.machine_shared(self.parallel_jobs, self._load.max),
+            "torch_threads": cost.torch_threads(),
+            "shared_machine": cost.machine_shared(self.parallel_jobs, self._load.max, threads=cost.torch_threads()),
         }
 
     def _run_step(self, method: Method, task: Task, step,

@@ -12,7 +12,8 @@ SLOW = {"memoir", "recipe", "selfparam", "ft_sentences"}  # one to four minutes 
 METHODS = [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m
            for m in sorted(p.stem for p in (CONF / "method").glob("*.yaml"))]
 COST_KEYS = {"inject_seconds_per_item", "items_injected", "answer_seconds_per_query", "queries", "peak_rss_bytes",
-             "peak_rss_scope", "extra_storage_bytes", "parallel_jobs", "max_load_average", "cpu_count", "shared_machine"}
+             "peak_rss_scope", "extra_storage_bytes", "parallel_jobs", "max_load_average", "cpu_count", "torch_threads",
+             "shared_machine"}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -32,7 +33,8 @@ def test_every_method_records_its_cost_on_the_tiny_model(method, tmp_path: Path)
     assert cost["extra_storage_bytes"] == record["extra_storage_bytes"]
     # one job: the machine counts as shared only when the load sampled during the run said so
     assert cost["parallel_jobs"] == 1 and cost["max_load_average"] >= 0
-    assert cost["shared_machine"] == (cost["max_load_average"] > 1.5 * cost["cpu_count"])
+    assert cost["torch_threads"] >= 1
+    assert cost["shared_machine"] == (cost["max_load_average"] > cost["torch_threads"] + 0.5 * cost["cpu_count"])
 
 
 def test_a_busy_machine_is_shared_even_with_one_job():
@@ -42,6 +44,9 @@ def test_a_busy_machine_is_shared_even_with_one_job():
     assert machine_shared(1, None, cpus=2) is None  # no load sampled: unknown, never "alone"
     assert machine_shared(1, 3.1, cpus=2)      # more runnable threads than the run's own can account for
     assert machine_shared(2, 0.0, cpus=2)      # the launcher ran two jobs at once
+    # a run on one torch thread accounts for one runnable thread: a second busy one is other work
+    assert machine_shared(1, 1.4, cpus=2, threads=1) is False
+    assert machine_shared(1, 2.1, cpus=2, threads=1)
 
 
 def test_a_joblib_sweep_with_several_jobs_shares_the_machine():

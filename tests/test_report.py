@@ -364,6 +364,12 @@ def test_cost_table_shows_per_item_and_per_query_costs_and_overhead_over_base(tm
     with_cost(tmp_path / "c0", "context", 0, answer_seconds_per_query=0.020, max_load_average=None)
     table = report.cost_table(report.runs_frame(report.load_runs([tmp_path]).records), "synthetic").set_index("method")
     assert table.loc["context", "machine"] == "unknown (no load sampled)"
+    # a run on 1 of 2 torch threads (OMP_NUM_THREADS=1) is timed on another machine than one on both
+    with_cost(tmp_path / "t0", "rag_dense", 0, answer_seconds_per_query=0.020, cpu_count=2, torch_threads=1)
+    with_cost(tmp_path / "t1", "rag_dense", 1, answer_seconds_per_query=0.020, cpu_count=2, torch_threads=2)
+    table = report.cost_table(report.runs_frame(report.load_runs([tmp_path]).records), "synthetic").set_index("method")
+    assert table.loc["rag_dense", "machine"] == "alone, 1 of 2 torch threads"
+    assert table.loc["rag_dense", "vs base ms/query"] == "– (machine differs)"
 
 
 def test_plot_draws_editing_scores_along_the_stream(tmp_path):

@@ -19,7 +19,8 @@ SETTING = ["task", "method", "model", "variant"]
 GROUP_ALIASES = {"side_effects": ("near_miss", "conflict", "drift")}
 # the record's `cost` keys the `--cost` table shows (docs/records.md)
 COST_COLUMNS = ("inject_seconds_per_item", "answer_seconds_per_query", "peak_rss_bytes", "peak_gpu_bytes",
-                "extra_storage_bytes", "parallel_jobs", "max_load_average", "shared_machine")
+                "extra_storage_bytes", "parallel_jobs", "max_load_average", "cpu_count", "torch_threads",
+                "shared_machine")
 
 
 @dataclass

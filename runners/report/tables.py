@@ -120,7 +120,8 @@ def cost_table(frame: pd.DataFrame, task: str, reference: str = "base") -> pd.Da
     """One task's `--cost` table: per setting, means over its finished runs of the record's `cost`: inject
     seconds per injected item (context or edit), answering ms per query and its overhead over `reference`
     (same task and model; shown only when both ran under the same machine sharing), peak RSS, peak GPU
-    memory (CUDA runs), extra storage, and whether the runs shared the machine (joblib n_jobs > 1)."""
+    memory (CUDA runs), extra storage, and whether the runs shared the machine (joblib n_jobs > 1, load)
+    and ran on fewer torch threads than cores."""
     done = frame[(frame["status"] == "done") & (frame["task"] == task)]
     columns = [c for c in SETTING if c != "variant" or done["variant"].astype(bool).any()]
     grouped = done.groupby(SETTING, sort=True, dropna=False)
@@ -138,10 +139,15 @@ def cost_table(frame: pd.DataFrame, task: str, reference: str = "base") -> pd.Da
         why = [f"n_jobs {','.join(map(str, values))}"] if values != [1] else []
         if shared.any() and len(loads):
             why.append(f"load ≤ {loads.max():.1f}")
+        # fewer torch threads than cores (OMP_NUM_THREADS) change CPU timings as much as sharing does
+        threads = pd.to_numeric(runs.get("cost/torch_threads", pd.Series(dtype=float)), errors="coerce").dropna()
+        cpus = pd.to_numeric(runs.get("cost/cpu_count", pd.Series(dtype=float)), errors="coerce").dropna()
+        few = sorted({int(t) for t in threads} - {int(c) for c in cpus})
+        suffix = f", {','.join(map(str, few))} of {int(cpus.max())} torch threads" if few and len(cpus) else ""
         if why:
-            return f"shared ({'; '.join(why)})"
+            return f"shared ({'; '.join(why)}){suffix}"
         # a record without a load sample (older records; an OS with no load average) cannot show it ran alone
-        return "alone" if len(loads) == len(runs) else "unknown (no load sampled)"
+        return ("alone" if len(loads) == len(runs) else "unknown (no load sampled)") + suffix
 
     rows = []
     for key, runs in grouped:
